@@ -1,0 +1,114 @@
+"""The CPU tier: chunks in one host-memory arena, pinned when CUDA is present."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from kvstore.buffers import U8
+from kvstore.checksum import copy_with_checksum
+from kvstore.errors import InvalidInput
+from kvstore.keys import ChunkKey
+from kvstore.tiers.arena import Extent
+from kvstore.tiers.base import register_tier
+from kvstore.tiers.memory import Clock, MemoryTier, _Entry
+from kvstore.tiers.policies import make_policy, policy_names
+
+
+@dataclass(frozen=True, slots=True)
+class CPUTierConfig:
+    """Configuration of the CPU tier.
+
+    Attributes:
+        capacity_bytes: size of the arena; the tier's byte budget.
+        policy: eviction policy name (``lru``, ``lfu``, ``cost``, ``ttl``).
+        ttl_s: lifetime of a chunk under the ``ttl`` policy.
+        pin_memory: ``auto`` pins (page-locks) the arena when CUDA is available,
+            so host<->device copies run at full speed; ``always`` requires it.
+        alignment: extent alignment in bytes (a power of two).
+        prefault: touch every page of the arena at start, so the first puts
+            do not pay page faults (startup cost: about one memset of the arena).
+        max_chunk_bytes: the largest chunk accepted (default: the budget).
+    """
+
+    capacity_bytes: int
+    policy: str = "lru"
+    ttl_s: float | None = None
+    pin_memory: Literal["auto", "always", "never"] = "auto"
+    alignment: int = 4096
+    prefault: bool = True
+    max_chunk_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.capacity_bytes <= 0:
+            raise InvalidInput("capacity_bytes must be > 0")
+        if self.policy not in policy_names():
+            raise InvalidInput(f"unknown eviction policy {self.policy!r}; known: {policy_names()}")
+        if self.pin_memory not in ("auto", "always", "never"):
+            raise InvalidInput(f"pin_memory must be auto, always or never, got {self.pin_memory!r}")
+        if self.ttl_s is not None and self.ttl_s <= 0:
+            raise InvalidInput("ttl_s must be > 0")
+        if self.max_chunk_bytes is not None and not 0 < self.max_chunk_bytes <= self.capacity_bytes:
+            raise InvalidInput("max_chunk_bytes must be in (0, capacity_bytes]")
+
+
+def _host_arena(nbytes: int, pin_memory: str) -> tuple[U8, bool]:
+    """A host buffer of ``nbytes``; page-locked when asked and possible."""
+    if pin_memory != "never":
+        import torch
+
+        if torch.cuda.is_available():
+            t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            return t.numpy(), True
+        if pin_memory == "always":
+            raise InvalidInput("pin_memory='always' needs CUDA, which is not available")
+    return np.empty(nbytes, dtype=np.uint8), False
+
+
+class CPUTier(MemoryTier):
+    """Chunks in host memory. Puts checksum the bytes while copying them in."""
+
+    kind = "cpu"
+
+    def __init__(self, config: CPUTierConfig, name: str = "cpu", clock: Clock = time.monotonic) -> None:
+        super().__init__(
+            name,
+            config.capacity_bytes,
+            make_policy(config.policy, config.ttl_s),
+            config.alignment,
+            config.max_chunk_bytes,
+            clock,
+        )
+        self.config = config
+        self._buf, self.pinned = _host_arena(self._alloc.capacity, config.pin_memory)
+        if config.prefault and not self.pinned:
+            self._buf[:: 4096] = 0  # fault every page in now, not on the first puts
+
+    def _copy_in(self, extent: Extent, data: U8) -> bytes:
+        n = data.size
+        return copy_with_checksum(data, self._buf[extent.offset : extent.offset + n])
+
+    def _copy_out(self, extent: Extent, nbytes: int, out: U8) -> None:
+        np.copyto(out[:nbytes], self._buf[extent.offset : extent.offset + nbytes])
+
+    def view(self, key: ChunkKey) -> U8 | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.doomed:
+                return None
+            return self._slice(entry)
+
+    def _slice(self, entry: _Entry) -> U8:
+        off = entry.extent.offset
+        v = self._buf[off : off + entry.meta.nbytes]
+        v.flags.writeable = False
+        return v
+
+    def _peek(self, entry: _Entry) -> U8 | None:
+        return self._slice(entry)
+
+
+register_tier("cpu", CPUTier)

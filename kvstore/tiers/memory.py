@@ -1,0 +1,269 @@
+"""The common core of the in-memory tiers (CPU and GPU): entries in one arena.
+
+The tier is the single owner of its arena's allocator, its entries' pin
+counts and its eviction policy; nothing else changes them. Copies into and
+out of the arena run outside the tier's lock: an extent being filled is not
+yet visible, and an extent being read is pinned, so it cannot be evicted or
+freed underneath the copy.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import numpy as np
+
+from kvstore.buffers import U8
+from kvstore.errors import InvalidInput, LeaseError
+from kvstore.keys import ChunkKey, NamespaceId
+from kvstore.tiers.arena import Extent, ExtentAllocator
+from kvstore.tiers.base import ChunkMeta, MissReason, Tier
+from kvstore.tiers.policies import EvictionPolicy
+
+Clock = Callable[[], float]
+
+
+class _Entry:
+    """One stored chunk: where it lives, its meta, and how many holders pin it."""
+
+    __slots__ = ("extent", "meta", "pins", "doomed")
+
+    def __init__(self, extent: Extent, meta: ChunkMeta) -> None:
+        self.extent = extent
+        self.meta = meta
+        self.pins = 0
+        self.doomed = False  # deleted while pinned: freed when the last pin goes
+
+
+class MemoryTier(Tier):
+    """Chunks in one arena with a byte budget and a pluggable eviction policy.
+
+    Invariants: ``used_bytes`` is the sum of the entries' extent sizes and is
+    at most ``capacity_bytes``; an entry with ``pins > 0`` is never evicted or
+    freed; every extent belongs to exactly one entry or is free.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        capacity_bytes: int,
+        policy: EvictionPolicy,
+        alignment: int,
+        max_chunk_bytes: int | None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        super().__init__(name, capacity_bytes)
+        self._alloc = ExtentAllocator(capacity_bytes, alignment)
+        self._stats.capacity_bytes = self._alloc.capacity
+        self._policy = policy
+        self._entries: dict[ChunkKey, _Entry] = {}
+        self._evicted_recently: dict[ChunkKey, MissReason] = {}
+        self._max_chunk = max_chunk_bytes or self._alloc.capacity
+        self._clock = clock
+
+    # -- the copies a concrete tier provides -------------------------------------------
+    @abstractmethod
+    def _copy_in(self, extent: Extent, data: U8) -> bytes:
+        """Copy ``data`` into the extent; return its checksum (or b"" if not computed)."""
+
+    @abstractmethod
+    def _copy_out(self, extent: Extent, nbytes: int, out: U8) -> None:
+        """Copy the first ``nbytes`` of the extent into ``out``."""
+
+    def _new_host_buffer(self, nbytes: int) -> U8:
+        return np.empty(nbytes, dtype=np.uint8)
+
+    @abstractmethod
+    def view(self, key: ChunkKey) -> U8 | None:
+        """A read-only view of a chunk the caller has pinned, or None if absent."""
+
+    # -- Tier ---------------------------------------------------------------------------
+    def put(self, key: ChunkKey, data: U8, meta: ChunkMeta) -> bool:
+        nbytes = int(data.size)
+        if nbytes > self._max_chunk:
+            raise InvalidInput(f"chunk of {nbytes} bytes exceeds tier {self.name!r}'s limit {self._max_chunk}")
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(key)
+            if entry is not None and not entry.doomed:
+                self._policy.touch(key, self._clock())
+                return True  # keys name their content: the stored copy is the same chunk
+            extent = self._allocate(nbytes)
+            if extent is None:
+                self._stats.rejected += 1
+                return False
+        try:
+            checksum = self._copy_in(extent, data)
+        except BaseException:
+            with self._lock:
+                self._alloc.free(extent)
+            raise
+        with self._lock:
+            entry = _Entry(extent, replace(meta, nbytes=nbytes, checksum=checksum or meta.checksum))
+            old = self._entries.get(key)
+            if old is not None:  # raced with another put of the same key, or a doomed entry
+                self._drop(key, old)
+            self._entries[key] = entry
+            self._evicted_recently.pop(key, None)
+            self._policy.admit(key, nbytes, meta.cost, self._clock())
+            s = self._stats
+            s.puts += 1
+            s.put_bytes += nbytes
+            s.used_bytes += extent.size
+            s.entries += 1
+        return True
+
+    def get_into(self, key: ChunkKey, out: U8) -> int | None:
+        entry = self._acquire(key)
+        if entry is None:
+            return None
+        try:
+            nbytes = entry.meta.nbytes
+            if out.size < nbytes:
+                with self._lock:
+                    self._stats.miss(MissReason.TOO_SMALL)
+                return None
+            self._copy_out(entry.extent, nbytes, out)
+            with self._lock:
+                self._stats.hits += 1
+                self._stats.hit_bytes += nbytes
+            return nbytes
+        finally:
+            self._release(key, entry)
+
+    def read(self, key: ChunkKey) -> tuple[U8, ChunkMeta] | None:
+        entry = self._acquire(key)
+        if entry is None:
+            return None
+        try:
+            out = self._new_host_buffer(entry.meta.nbytes)
+            self._copy_out(entry.extent, entry.meta.nbytes, out)
+            with self._lock:
+                self._stats.hits += 1
+                self._stats.hit_bytes += entry.meta.nbytes
+            return out, entry.meta
+        finally:
+            self._release(key, entry)
+
+    def meta(self, key: ChunkKey) -> ChunkMeta | None:
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(key)
+            return None if entry is None or entry.doomed else entry.meta
+
+    def delete(self, key: ChunkKey) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.doomed:
+                return False
+            self._policy.remove(key)
+            if entry.pins:
+                entry.doomed = True
+            else:
+                self._drop(key, entry)
+            return True
+
+    def keys(self, namespace: NamespaceId | None = None) -> Iterator[ChunkKey]:
+        with self._lock:
+            snapshot = [
+                k
+                for k, e in self._entries.items()
+                if not e.doomed and (namespace is None or e.meta.namespace == namespace)
+            ]
+        return iter(snapshot)
+
+    def pin(self, key: ChunkKey) -> bool:
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(key)
+            if entry is None or entry.doomed:
+                return False
+            entry.pins += 1
+            return True
+
+    def unpin(self, key: ChunkKey) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.pins == 0:
+                raise LeaseError(f"unpin of a chunk that tier {self.name!r} does not hold pinned")
+            self._release_locked(key, entry)
+
+    def pinned_count(self) -> int:
+        """Total pins held on this tier's chunks (0 when every holder released)."""
+        with self._lock:
+            return sum(e.pins for e in self._entries.values())
+
+    def miss_reason(self, key: ChunkKey) -> MissReason:
+        """Why ``key`` is not here: evicted/expired recently, or absent."""
+        with self._lock:
+            return self._evicted_recently.get(key, MissReason.ABSENT)
+
+    # -- internals (call with the lock held unless noted) ---------------------------
+    def _acquire(self, key: ChunkKey) -> _Entry | None:
+        """Pin a present entry for a read and touch it; count a miss otherwise. Takes the lock."""
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(key)
+            if entry is None or entry.doomed:
+                self._stats.miss(self._evicted_recently.get(key, MissReason.ABSENT))
+                return None
+            entry.pins += 1
+            self._policy.touch(key, self._clock())
+            return entry
+
+    def _release(self, key: ChunkKey, entry: _Entry) -> None:
+        with self._lock:
+            self._release_locked(key, entry)
+
+    def _release_locked(self, key: ChunkKey, entry: _Entry) -> None:
+        entry.pins -= 1
+        if entry.pins == 0 and entry.doomed and self._entries.get(key) is entry:
+            self._drop(key, entry)
+
+    def _drop(self, key: ChunkKey, entry: _Entry) -> None:
+        del self._entries[key]
+        self._policy.remove(key)
+        self._alloc.free(entry.extent)
+        self._stats.used_bytes -= entry.extent.size
+        self._stats.entries -= 1
+
+    def _allocate(self, nbytes: int) -> Extent | None:
+        extent = self._alloc.allocate(nbytes)
+        while extent is None:
+            victim = self._policy.victim(self._is_pinned, self._clock())
+            if victim is None:
+                return None
+            self._evict(victim, MissReason.EVICTED)
+            extent = self._alloc.allocate(nbytes)
+        return extent
+
+    def _is_pinned(self, key: ChunkKey) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.pins > 0
+
+    def _evict(self, key: ChunkKey, reason: MissReason) -> None:
+        entry = self._entries[key]
+        self._notify_evicted(key, entry.meta, self._peek(entry))
+        self._drop(key, entry)
+        self._stats.evictions += 1
+        self._remember(key, reason)
+
+    def _remember(self, key: ChunkKey, reason: MissReason) -> None:
+        self._evicted_recently[key] = reason
+        if len(self._evicted_recently) > 65536:  # bounded memory of why keys left
+            del self._evicted_recently[next(iter(self._evicted_recently))]
+
+    def _expire(self) -> None:
+        for key in self._policy.expired(self._clock()):
+            entry = self._entries.get(key)
+            if entry is None:
+                self._policy.remove(key)
+            elif entry.pins == 0:
+                self._evict(key, MissReason.EXPIRED)
+
+    @abstractmethod
+    def _peek(self, entry: _Entry) -> U8 | None:
+        """The entry's bytes for an eviction listener (host tiers), or None."""

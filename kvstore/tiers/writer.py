@@ -1,0 +1,141 @@
+"""The background writer: copies chunks to lower tiers through a bounded queue.
+
+Jobs are bounded in number; a full queue pushes back on the producer (it
+waits up to a timeout, then the job is dropped and counted). A write-through
+job pins its source chunk in the top tier when queued and unpins it after
+the write, so the chunk cannot be evicted before it reaches the lower tiers.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvstore.buffers import U8
+from kvstore.keys import ChunkKey
+from kvstore.tiers.base import ChunkMeta, Tier
+from kvstore.tiers.memory import MemoryTier
+
+log = logging.getLogger(__name__)
+
+Stored = Callable[[ChunkKey, ChunkMeta, int], None]
+"""Called after a job stored a chunk in the store's tier number ``int``."""
+
+
+@dataclass(slots=True)
+class WriteJob:
+    """Write ``key`` to ``targets`` (store tier indices).
+
+    The bytes come from ``data`` when the job owns a copy (write-back
+    demotion), else from a pinned view of ``source`` (write-through).
+    """
+
+    key: ChunkKey
+    meta: ChunkMeta
+    targets: list[int]
+    data: U8 | None = None
+    source: MemoryTier | None = None
+
+
+@dataclass(slots=True)
+class WriterStats:
+    queued: int = 0
+    written: int = 0
+    dropped: int = 0
+    failed: int = 0
+    depth: int = 0
+
+
+@dataclass(slots=True)
+class _Stop:
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class BackgroundWriter:
+    """One thread draining a bounded queue of write jobs into lower tiers."""
+
+    def __init__(self, tiers: list[Tier], on_stored: Stored, depth: int, put_timeout_s: float) -> None:
+        self._tiers = tiers
+        self._on_stored = on_stored
+        self._timeout = put_timeout_s
+        self._queue: queue.Queue[WriteJob | _Stop] = queue.Queue(maxsize=depth)
+        self._stats = WriterStats()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="kvstore-writer", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def submit(self, job: WriteJob, block: bool = True) -> bool:
+        """Queue a job; False (counted as dropped, pins given back) if the queue stays full."""
+        if job.source is not None and not job.source.pin(job.key):
+            return False  # already evicted from the top tier
+        try:
+            self._queue.put(job, block=block, timeout=self._timeout if block else None)
+        except queue.Full:
+            self._finish(job)
+            with self._lock:
+                self._stats.dropped += 1
+            log.warning("background write queue full: dropped a lower-tier write")
+            return False
+        with self._lock:
+            self._stats.queued += 1
+        return True
+
+    def flush(self) -> None:
+        """Wait until every queued job has run."""
+        self._queue.join()
+
+    def stats(self) -> WriterStats:
+        with self._lock:
+            s = WriterStats(**{f: getattr(self._stats, f) for f in WriterStats.__slots__})  # type: ignore[attr-defined]
+        s.depth = self._queue.qsize()
+        return s
+
+    def close(self) -> None:
+        """Finish queued jobs, then stop the thread; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_Stop())
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if isinstance(job, _Stop):
+                    return
+                self._write(job)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, job: WriteJob) -> None:
+        try:
+            data = job.data if job.data is not None else (job.source.view(job.key) if job.source else None)
+            if data is None:
+                with self._lock:
+                    self._stats.dropped += 1
+                return
+            for index in job.targets:
+                tier = self._tiers[index]
+                try:
+                    stored = tier.put(job.key, data, job.meta)
+                except Exception:  # a failing tier must not stop the writer
+                    log.exception("background write to tier %s failed", tier.name)
+                    with self._lock:
+                        self._stats.failed += 1
+                    continue
+                if stored:
+                    self._on_stored(job.key, job.meta, index)
+            with self._lock:
+                self._stats.written += 1
+        finally:
+            self._finish(job)
+
+    @staticmethod
+    def _finish(job: WriteJob) -> None:
+        if job.source is not None:
+            job.source.unpin(job.key)
