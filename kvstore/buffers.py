@@ -73,10 +73,17 @@ def as_u8(obj: BufferLike, *, writable: bool = False) -> U8:
     raise InvalidInput(f"expected bytes, a numpy array or a torch tensor, got {type(obj).__name__}")
 
 
+def is_raw(obj: object) -> bool:
+    """True for bytes-like objects and flat uint8 arrays/tensors: untyped chunk bytes."""
+    name = dtype_name(obj)
+    return name is None or (name == "uint8" and len(getattr(obj, "shape", ())) == 1)
+
+
 def check_chunk(spec: KVSpec, num_tokens: int, obj: BufferLike) -> None:
     """Check that a tensor/array holds ``num_tokens`` tokens of KV for ``spec``.
 
-    Raw bytes are only checked for their length.
+    Raw bytes (bytes-like objects and 1-D uint8 arrays) are only checked for
+    their length.
 
     Raises:
         DTypeMismatch: the tensor's dtype is not the spec's.
@@ -84,7 +91,7 @@ def check_chunk(spec: KVSpec, num_tokens: int, obj: BufferLike) -> None:
     """
     expected = spec.chunk_shape(num_tokens)
     name = dtype_name(obj)
-    if name is not None:
+    if name is not None and not is_raw(obj):
         if name != spec.dtype:
             raise DTypeMismatch(f"chunk dtype {name} does not match the namespace's {spec.dtype}")
         shape = tuple(obj.shape)  # type: ignore[union-attr]

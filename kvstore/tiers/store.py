@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from kvstore.buffers import U8, BufferLike, as_u8, check_chunk, dtype_name
+from kvstore.buffers import U8, BufferLike, as_u8, check_chunk, is_raw
 from kvstore.errors import ChunkTooLarge, InvalidInput, UnknownNamespace
 from kvstore.events import EventSink, StoreEvent
 from kvstore.index.chunk_cache import ChunkCacheEntry, ChunkCacheIndex
@@ -116,7 +116,7 @@ class TieredStore:
         self._check(ns)
         if len(key) != 32:
             raise InvalidInput(f"chunk keys are 32 bytes, got {len(key)}")
-        if dtype_name(data) not in (None, "uint8") or getattr(data, "ndim", 1) != 1:
+        if not is_raw(data):
             check_chunk(ns.spec, ns.chunk_tokens, data)
         return self._put_bytes(ns, key, as_u8(data), cost)
 
