@@ -69,6 +69,9 @@ class TieredStore:
         self._counts = {k: 0 for k in ("lookups", "qchunks", "hchunks", "gets", "hits", "misses", "promotions")}
         for i, tier in enumerate(self.tiers):
             tier.add_evict_listener(self._evict_listener(i))
+            if not tier.shared:  # a persistent tier reopened with chunks: index what it holds
+                for key in tier.keys():
+                    self.index.add(key, i)
         self._writer = BackgroundWriter(self.tiers, self._stored, config.queue_depth, config.queue_timeout_s)
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="kvstore-reaper", daemon=True)
