@@ -40,9 +40,11 @@ def _is_torch(obj: object) -> bool:
 def dtype_name(obj: object) -> str | None:
     """The KV spec dtype name of a tensor/array, or None for raw bytes."""
     if _is_torch(obj):
-        return _TORCH_DTYPES.get(str(obj.dtype))  # type: ignore[attr-defined]
+        name: str | None = _TORCH_DTYPES.get(str(getattr(obj, "dtype", "")))
+        return name
     if isinstance(obj, np.ndarray):
-        return _NUMPY_DTYPES.get(obj.dtype.name, obj.dtype.name)
+        np_name: str = obj.dtype.name
+        return _NUMPY_DTYPES.get(np_name, np_name)
     return None
 
 
@@ -53,12 +55,12 @@ def as_u8(obj: BufferLike, *, writable: bool = False) -> U8:
         InvalidInput: not contiguous, on a GPU, or not a buffer at all.
     """
     if _is_torch(obj):
-        t = obj  # type: ignore[assignment]
+        t = obj
         if t.device.type != "cpu":  # type: ignore[union-attr]
             raise InvalidInput(f"expected a CPU tensor, got one on {t.device}")  # type: ignore[union-attr]
         if not t.is_contiguous():  # type: ignore[union-attr]
             raise InvalidInput("tensor must be contiguous")
-        return t.reshape(-1).view(__import__("torch").uint8).numpy()  # type: ignore[union-attr,no-any-return]
+        return t.reshape(-1).view(__import__("torch").uint8).numpy()  # type: ignore[union-attr]
     if isinstance(obj, np.ndarray):
         if not obj.flags.c_contiguous:
             raise InvalidInput("array must be C-contiguous")
@@ -94,7 +96,7 @@ def check_chunk(spec: KVSpec, num_tokens: int, obj: BufferLike) -> None:
     if name is not None and not is_raw(obj):
         if name != spec.dtype:
             raise DTypeMismatch(f"chunk dtype {name} does not match the namespace's {spec.dtype}")
-        shape = tuple(obj.shape)  # type: ignore[union-attr]
+        shape = tuple(getattr(obj, "shape", ()))
         if shape != expected:
             raise ShapeMismatch(f"chunk shape {shape} does not match the namespace's {expected}")
         return

@@ -9,7 +9,8 @@ from typing import Literal
 from kvstore.errors import InvalidInput
 from kvstore.tiers.base import Tier
 from kvstore.tiers.cpu import CPUTier, CPUTierConfig
-from kvstore.tiers.store import StoreConfig, TieredStore
+from kvstore.tiers.store import TieredStore
+from kvstore.tiers.store_types import StoreConfig
 
 
 @dataclass(frozen=True, slots=True)

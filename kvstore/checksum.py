@@ -19,7 +19,7 @@ U8 = npt.NDArray[np.uint8]
 
 def checksum(data: U8 | memoryview | bytes) -> bytes:
     """XXH3-128 digest (16 bytes, big-endian canonical form) of ``data``."""
-    return xxhash.xxh3_128_digest(data)
+    return xxhash.xxh3_128_digest(data.data if isinstance(data, np.ndarray) else data)
 
 
 def copy_with_checksum(src: U8, dst: U8) -> bytes:
@@ -31,5 +31,5 @@ def copy_with_checksum(src: U8, dst: U8) -> bytes:
     for off in range(0, n, BLOCK):
         d = dst[off : off + BLOCK]
         np.copyto(d, src[off : off + BLOCK])
-        h.update(d)
+        h.update(d.data)
     return h.digest()

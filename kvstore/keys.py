@@ -89,7 +89,7 @@ def as_token_array(tokens: TokenInput) -> npt.NDArray[np.uint32]:
         InvalidInput: not one-dimensional, not integers, or outside [0, 2**32).
     """
     if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # a torch tensor
-        tokens = tokens.detach().cpu().numpy()  # type: ignore[union-attr]
+        tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise InvalidInput(f"tokens must be one-dimensional, got shape {arr.shape}")
@@ -133,7 +133,7 @@ class Sha256ChainScheme(HashScheme):
         if end == 0:
             return
         copy = hashlib.sha256(PREFIX_DOMAIN + ns.id + struct.pack("<I", ns.chunk_tokens)).copy
-        view = memoryview(tokens).cast("B")
+        view = tokens.data.cast("B")
         prev = ZERO_KEY
         for off in range(0, end, step):
             h = copy()
@@ -207,7 +207,7 @@ def content_key(ns: Namespace, tokens: TokenInput) -> ChunkKey:
     if arr.size == 0:
         raise InvalidInput("a chunk-cache needs at least one token")
     h = hashlib.sha256(CONTENT_DOMAIN + ns.id + struct.pack("<I", arr.size))
-    h.update(memoryview(arr).cast("B"))
+    h.update(arr.data.cast("B"))
     return ChunkKey(h.digest())
 
 

@@ -65,7 +65,7 @@ class TierStats:
         self.misses[reason.value] += 1
 
     def snapshot(self) -> "TierStats":
-        copy = TierStats(**{f: getattr(self, f) for f in self.__slots__ if f != "misses"})  # type: ignore[arg-type]
+        copy = TierStats(**{f: getattr(self, f) for f in self.__slots__ if f != "misses"})
         copy.misses = dict(self.misses)
         return copy
 

@@ -85,13 +85,16 @@ class GPUTier(MemoryTier):
         self._torch = torch
         self._device = torch.device(config.device)
         self._arena = torch.empty(self._alloc.capacity, dtype=torch.uint8, device=self._device)
-        self._stream = torch.cuda.Stream(device=self._device)
+        self._stream = torch.cuda.Stream(device=self._device)  # type: ignore[no-untyped-call]
 
     def _as_tensor(self, data: Any) -> "torch.Tensor":
-        torch = self._torch
+        import torch
+
         if isinstance(data, torch.Tensor):
-            return data.reshape(-1).view(torch.uint8)
-        return torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+            flat: torch.Tensor = data.reshape(-1).view(torch.uint8)
+            return flat
+        host: torch.Tensor = torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        return host
 
     def _copy_in(self, extent: Extent, data: U8) -> bytes:
         src = self._as_tensor(data)
@@ -122,7 +125,8 @@ class GPUTier(MemoryTier):
 
     def _peek(self, entry: _Entry) -> U8 | None:
         off = entry.extent.offset
-        return self._arena[off : off + entry.meta.nbytes].cpu().numpy()  # type: ignore[no-any-return]
+        host: U8 = self._arena[off : off + entry.meta.nbytes].cpu().numpy()
+        return host
 
 
 register_tier("gpu", GPUTier)

@@ -25,6 +25,8 @@ from kvstore.tiers.base import ChunkMeta, Tier
 from kvstore.tiers.leases import LeaseId, LeaseTable
 from kvstore.tiers.memory import MemoryTier
 from kvstore.tiers.store_types import LookupResult, StoreConfig, StoreStats
+
+__all__ = ["LookupResult", "StoreConfig", "StoreStats", "TieredStore"]
 from kvstore.tiers.writer import BackgroundWriter, WriteJob
 
 Clock = Callable[[], float]

@@ -90,7 +90,7 @@ class BackgroundWriter:
 
     def stats(self) -> WriterStats:
         with self._lock:
-            s = WriterStats(**{f: getattr(self._stats, f) for f in WriterStats.__slots__})  # type: ignore[attr-defined]
+            s = WriterStats(**{f: getattr(self._stats, f) for f in WriterStats.__slots__})
         s.depth = self._queue.qsize()
         return s
 
