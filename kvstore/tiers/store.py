@@ -178,7 +178,12 @@ class TieredStore:
             raise InvalidInput("empty chunk")
         meta = ChunkMeta(ns.id, int(data.size), b"", cost)
         if not self.top.put(key, data, meta):
-            return False
+            # the top tier is full of pinned chunks; if queued lower-tier writes hold
+            # those pins, wait (bounded) for them: this is the queue's backpressure
+            if not self._writer.pending or not self._writer.wait_idle(self.config.queue_timeout_s):
+                return False
+            if not self.top.put(key, data, meta):
+                return False
         stored_meta = self.top.meta(key) or meta
         self._stored(key, stored_meta, 0)
         if self.config.write_mode == "write_through" and len(self.tiers) > 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -87,6 +88,22 @@ class BackgroundWriter:
     def flush(self) -> None:
         """Wait until every queued job has run."""
         self._queue.join()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the queue to drain; True if it did."""
+        deadline = time.monotonic() + timeout_s
+        cond = self._queue.all_tasks_done
+        with cond:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                cond.wait(left)
+        return True
+
+    @property
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
 
     def stats(self) -> WriterStats:
         with self._lock:
