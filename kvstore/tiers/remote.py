@@ -371,7 +371,7 @@ class RemoteTier(Tier):
     kind = "redis"
     shared = True
 
-    def __init__(self, name: str, config: RemoteTierConfig) -> None:
+    def __init__(self, config: RemoteTierConfig, name: str = "redis") -> None:
         """Create the tier and try Redis once; an unreachable Redis leaves it down, not failed.
 
         Raises:

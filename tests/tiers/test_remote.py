@@ -42,7 +42,7 @@ def make_tier(url: str, **overrides: object) -> RemoteTier:
         "url": url, "capacity_bytes": 1 << 30, "retry_interval_s": 0.1, "socket_timeout_s": 2.0
     }
     fields.update(overrides)
-    return RemoteTier("remote", RemoteTierConfig(**fields))  # type: ignore[arg-type]
+    return RemoteTier(RemoteTierConfig(**fields), "remote")  # type: ignore[arg-type]
 
 
 @pytest.fixture
