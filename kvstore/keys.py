@@ -19,6 +19,11 @@ import numpy as np
 import numpy.typing as npt
 
 from kvstore.errors import InvalidInput, UnknownName
+
+try:  # the C loop of the chained hash; optional (setup.py)
+    from kvstore import _chainhash
+except ImportError:  # pragma: no cover - exercised where the extension is not built
+    _chainhash = None
 from kvstore.spec import KVSpec, encode_fields
 
 ChunkKey = NewType("ChunkKey", bytes)
@@ -123,24 +128,46 @@ class HashScheme(ABC):
 
 
 class Sha256ChainScheme(HashScheme):
-    """k_i = SHA-256(domain || ns.id || u32le(C) || k_{i-1} || tokens_i as u32le)."""
+    """k_i = SHA-256(domain || ns.id || u32le(C) || k_{i-1} || tokens_i as u32le).
+
+    With the C helper (kvstore._chainhash, built at install) keys are hashed
+    in batches of growing size (8, 32, 128, ... chunks), so a lookup that
+    misses early hashes little and a long hit pays one C call per batch.
+    Without it, the same keys are computed in Python.
+    """
 
     name = "sha256-chain-v1"
+    FIRST_BATCH = 8
 
     def iter_prefix_keys(self, ns: Namespace, tokens: npt.NDArray[np.uint32]) -> Iterator[ChunkKey]:
-        step = ns.chunk_tokens * 4
-        end = (tokens.size // ns.chunk_tokens) * step
-        if end == 0:
+        n = tokens.size // ns.chunk_tokens
+        if n == 0:
             return
-        copy = hashlib.sha256(PREFIX_DOMAIN + ns.id + struct.pack("<I", ns.chunk_tokens)).copy
+        prefix = PREFIX_DOMAIN + ns.id + struct.pack("<I", ns.chunk_tokens)
         view = tokens.data.cast("B")
-        prev = ZERO_KEY
-        for off in range(0, end, step):
-            h = copy()
-            h.update(prev)
-            h.update(view[off : off + step])
-            prev = h.digest()
-            yield ChunkKey(prev)
+        if _chainhash is None:
+            yield from _py_chain(prefix, view, ns.chunk_tokens * 4, n)
+            return
+        step = ns.chunk_tokens * 4
+        done, batch, prev = 0, self.FIRST_BATCH, ZERO_KEY
+        while done < n:
+            count = min(batch, n - done)
+            keys = _chainhash.chain(prefix, prev, view[done * step :], step, count)
+            yield from keys
+            prev = keys[-1]
+            done += count
+            batch *= 4
+
+
+def _py_chain(prefix: bytes, view: memoryview, step: int, n: int) -> Iterator[ChunkKey]:
+    copy = hashlib.sha256(prefix).copy
+    prev = ZERO_KEY
+    for off in range(0, n * step, step):
+        h = copy()
+        h.update(prev)
+        h.update(view[off : off + step])
+        prev = h.digest()
+        yield ChunkKey(prev)
 
 
 class EngineScheme(HashScheme):

@@ -17,12 +17,13 @@ from kvstore.keys import ChunkKey
 MAX_TIERS = 16
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PrefixHit:
-    """The leading run of keys found, and the tier bitmask of each."""
+    """The leading run of keys found, the tier bitmask of each, and the first key not found."""
 
-    keys: tuple[ChunkKey, ...]
-    locations: tuple[int, ...]
+    keys: list[ChunkKey]
+    locations: list[int]
+    missed: ChunkKey | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -69,10 +70,10 @@ class PrefixIndex:
         for key in keys:
             mask = get(key, 0)
             if not mask:
-                break
+                return PrefixHit(found, masks, key)
             found.append(key)
             masks.append(mask)
-        return PrefixHit(tuple(found), tuple(masks))
+        return PrefixHit(found, masks)
 
     def clear_tier(self, tier: int) -> None:
         with self._lock:

@@ -153,6 +153,10 @@ class Tier(ABC):
         """Protect a present chunk from eviction; False if absent. Local tiers override."""
         return self.contains(key)
 
+    def pin_many(self, keys: list[ChunkKey]) -> list[bool]:
+        """:meth:`pin` each key; local tiers do it under one lock acquisition."""
+        return [self.pin(key) for key in keys]
+
     def unpin(self, key: ChunkKey) -> None:
         """Release one pin taken by :meth:`pin`."""
 

@@ -97,7 +97,7 @@ class CPUTier(MemoryTier):
     def view(self, key: ChunkKey) -> U8 | None:
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or entry.doomed:
+            if entry is None:
                 return None
             return self._slice(entry)
 

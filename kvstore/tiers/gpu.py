@@ -118,7 +118,7 @@ class GPUTier(MemoryTier):
         """The chunk's bytes in device memory, for a caller that pinned it."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or entry.doomed:
+            if entry is None:
                 return None
             off = entry.extent.offset
             return self._arena[off : off + entry.meta.nbytes]

@@ -64,7 +64,7 @@ class LeaseTable:
         self._granted = self._released = self._expired = 0
 
     def grant(self, pins: dict[ChunkKey, Tier], ttl_s: float | None = None) -> LeaseId:
-        """Take ownership of pins the caller already took; returns the lease id.
+        """Take ownership of pins the caller already took (and of the dict); returns the lease id.
 
         Raises:
             CapacityError: too many live leases (the pins are given back first).
@@ -79,7 +79,7 @@ class LeaseTable:
                 full = True
             else:
                 full = False
-                lease = Lease(next(self._ids), self._clock() + ttl, dict(pins))
+                lease = Lease(next(self._ids), self._clock() + ttl, pins)
                 self._leases[lease.id] = lease
                 heapq.heappush(self._deadlines, (lease.deadline, lease.id))
                 self._granted += 1

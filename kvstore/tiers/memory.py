@@ -29,21 +29,24 @@ Clock = Callable[[], float]
 class _Entry:
     """One stored chunk: where it lives, its meta, and how many holders pin it."""
 
-    __slots__ = ("extent", "meta", "pins", "doomed")
+    __slots__ = ("extent", "meta", "pins")
 
     def __init__(self, extent: Extent, meta: ChunkMeta) -> None:
         self.extent = extent
         self.meta = meta
         self.pins = 0
-        self.doomed = False  # deleted while pinned: freed when the last pin goes
 
 
 class MemoryTier(Tier):
     """Chunks in one arena with a byte budget and a pluggable eviction policy.
 
-    Invariants: ``used_bytes`` is the sum of the entries' extent sizes and is
-    at most ``capacity_bytes``; an entry with ``pins > 0`` is never evicted or
-    freed; every extent belongs to exactly one entry or is free.
+    Invariants: ``used_bytes`` is the sum of the extent sizes of the live
+    entries and the zombies, and is at most ``capacity_bytes``; an entry with
+    ``pins > 0`` is never evicted or freed; every extent belongs to exactly one
+    entry or is free. A chunk deleted while pinned becomes a *zombie*: invisible
+    to lookups and plain reads, still readable by its pin holders
+    (:meth:`get_pinned_into`), freed when its last pin goes. Unpinning a key
+    gives back a zombie's pin first (pins taken before the delete).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class MemoryTier(Tier):
         self._stats.capacity_bytes = self._alloc.capacity
         self._policy = policy
         self._entries: dict[ChunkKey, _Entry] = {}
+        self._zombies: dict[ChunkKey, list[_Entry]] = {}
         self._evicted_recently: dict[ChunkKey, MissReason] = {}
         self._max_chunk = max_chunk_bytes or self._alloc.capacity
         self._clock = clock
@@ -87,8 +91,7 @@ class MemoryTier(Tier):
             raise InvalidInput(f"chunk of {nbytes} bytes exceeds tier {self.name!r}'s limit {self._max_chunk}")
         with self._lock:
             self._expire()
-            entry = self._entries.get(key)
-            if entry is not None and not entry.doomed:
+            if key in self._entries:
                 self._policy.touch(key, self._clock())
                 return True  # keys name their content: the stored copy is the same chunk
             extent = self._allocate(nbytes)
@@ -102,10 +105,10 @@ class MemoryTier(Tier):
                 self._alloc.free(extent)
             raise
         with self._lock:
+            if key in self._entries:  # another put of the same key finished first: keep it
+                self._alloc.free(extent)
+                return True
             entry = _Entry(extent, replace(meta, nbytes=nbytes, checksum=checksum or meta.checksum))
-            old = self._entries.get(key)
-            if old is not None:  # raced with another put of the same key, or a doomed entry
-                self._drop(key, old)
             self._entries[key] = entry
             self._evicted_recently.pop(key, None)
             self._policy.admit(key, nbytes, meta.cost, self._clock())
@@ -117,7 +120,18 @@ class MemoryTier(Tier):
         return True
 
     def get_into(self, key: ChunkKey, out: U8) -> int | None:
-        entry = self._acquire(key)
+        return self._get_entry_into(key, self._acquire(key), out)
+
+    def get_pinned_into(self, key: ChunkKey, out: U8) -> int | None:
+        """Like :meth:`get_into` for a caller holding a pin: also reads a chunk deleted since."""
+        with self._lock:
+            zombies = self._zombies.get(key)
+            entry = zombies[0] if zombies else None
+            if entry is not None:
+                entry.pins += 1
+        return self._get_entry_into(key, entry if entry is not None else self._acquire(key), out)
+
+    def _get_entry_into(self, key: ChunkKey, entry: _Entry | None, out: U8) -> int | None:
         if entry is None:
             return None
         try:
@@ -152,18 +166,18 @@ class MemoryTier(Tier):
         with self._lock:
             self._expire()
             entry = self._entries.get(key)
-            return None if entry is None or entry.doomed else entry.meta
+            return None if entry is None else entry.meta
 
     def delete(self, key: ChunkKey) -> bool:
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or entry.doomed:
+            entry = self._entries.pop(key, None)
+            if entry is None:
                 return False
             self._policy.remove(key)
             if entry.pins:
-                entry.doomed = True
+                self._zombies.setdefault(key, []).append(entry)
             else:
-                self._drop(key, entry)
+                self._free(entry)
             return True
 
     def keys(self, namespace: NamespaceId | None = None) -> Iterator[ChunkKey]:
@@ -171,7 +185,7 @@ class MemoryTier(Tier):
             snapshot = [
                 k
                 for k, e in self._entries.items()
-                if not e.doomed and (namespace is None or e.meta.namespace == namespace)
+                if namespace is None or e.meta.namespace == namespace
             ]
         return iter(snapshot)
 
@@ -179,22 +193,38 @@ class MemoryTier(Tier):
         with self._lock:
             self._expire()
             entry = self._entries.get(key)
-            if entry is None or entry.doomed:
+            if entry is None:
                 return False
             entry.pins += 1
             return True
 
+    def pin_many(self, keys: list[ChunkKey]) -> list[bool]:
+        out: list[bool] = []
+        with self._lock:
+            self._expire()
+            get = self._entries.get
+            for key in keys:
+                entry = get(key)
+                if entry is None:
+                    out.append(False)
+                else:
+                    entry.pins += 1
+                    out.append(True)
+        return out
+
     def unpin(self, key: ChunkKey) -> None:
         with self._lock:
-            entry = self._entries.get(key)
+            zombies = self._zombies.get(key)
+            entry = zombies[0] if zombies else self._entries.get(key)
             if entry is None or entry.pins == 0:
                 raise LeaseError(f"unpin of a chunk that tier {self.name!r} does not hold pinned")
             self._release_locked(key, entry)
 
     def pinned_count(self) -> int:
-        """Total pins held on this tier's chunks (0 when every holder released)."""
+        """Total pins held on this tier's chunks, zombies included (0 when every holder released)."""
         with self._lock:
-            return sum(e.pins for e in self._entries.values())
+            live = sum(e.pins for e in self._entries.values())
+            return live + sum(e.pins for zs in self._zombies.values() for e in zs)
 
     def miss_reason(self, key: ChunkKey) -> MissReason:
         """Why ``key`` is not here: evicted/expired recently, or absent."""
@@ -207,7 +237,7 @@ class MemoryTier(Tier):
         with self._lock:
             self._expire()
             entry = self._entries.get(key)
-            if entry is None or entry.doomed:
+            if entry is None:
                 self._stats.miss(self._evicted_recently.get(key, MissReason.ABSENT))
                 return None
             entry.pins += 1
@@ -220,12 +250,19 @@ class MemoryTier(Tier):
 
     def _release_locked(self, key: ChunkKey, entry: _Entry) -> None:
         entry.pins -= 1
-        if entry.pins == 0 and entry.doomed and self._entries.get(key) is entry:
-            self._drop(key, entry)
+        if entry.pins == 0 and self._entries.get(key) is not entry:  # a zombie's last pin
+            zombies = self._zombies[key]
+            zombies.remove(entry)
+            if not zombies:
+                del self._zombies[key]
+            self._free(entry)
 
     def _drop(self, key: ChunkKey, entry: _Entry) -> None:
         del self._entries[key]
         self._policy.remove(key)
+        self._free(entry)
+
+    def _free(self, entry: _Entry) -> None:
         self._alloc.free(entry.extent)
         self._stats.used_bytes -= entry.extent.size
         self._stats.entries -= 1

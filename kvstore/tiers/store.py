@@ -63,6 +63,8 @@ class TieredStore:
         self._events = events
         self._clock = clock
         self._shared = [i for i, t in enumerate(self.tiers) if t.shared]
+        self._fastest_cache: dict[int, int] = {}
+        self._name_cache: dict[int, str] = {}
         self.index = PrefixIndex()
         self.chunk_caches = ChunkCacheIndex()
         self.leases = LeaseTable(clock, config.lease_ttl_s, config.max_leases)
@@ -234,39 +236,25 @@ class TieredStore:
         self, ns: Namespace, keys_it: Iterator[ChunkKey], query_chunks: int, lease: bool, ttl_s: float | None
     ) -> LookupResult:
         self.leases.expire()
-        found: list[ChunkKey] = []
-        masks: list[int] = []
-        where = self.index.where
-        for key in keys_it:
-            mask = where(key)
-            if not mask:
-                self._extend_from_shared([key, *keys_it] if self._shared else [], found, masks)
-                break
-            found.append(key)
-            masks.append(mask)
+        hit = self.index.longest_prefix(keys_it)
+        found, masks = hit.keys, hit.locations
+        if hit.missed is not None and self._shared:
+            self._extend_from_shared([hit.missed, *keys_it], found, masks)
         pins: dict[ChunkKey, Tier] = {}
-        names: list[str] = []
-        keep = len(found)
-        for j, (key, mask) in enumerate(zip(found, masks)):
-            tier = self._pin_fastest(key, mask) if lease else None
-            if tier is not None:
-                pins[key] = tier
-            elif lease and not any(self.tiers[i].shared for i in tiers_of(mask)):
-                keep = j  # a local chunk vanished since the index saw it
-                break
-            names.append(self.tiers[tiers_of(mask)[0]].name)
-        for key in found[keep:]:
-            tier_ = pins.pop(key, None)
-            if tier_ is not None:
-                tier_.unpin(key)
-        found = found[:keep]
+        if lease and found:
+            keep = self._pin_hits(found, masks, pins)
+            found, masks = found[:keep], masks[:keep]
+        if masks and masks.count(masks[0]) == len(masks):  # the common case: all in one place
+            names = [self._fastest_name(masks[0])] * len(masks)
+        else:
+            names = [self._fastest_name(m) for m in masks]
         lease_id = self.leases.grant(pins, ttl_s) if lease and pins else None
         with self._lock:
             c = self._counts
             c["lookups"] += 1
             c["qchunks"] += query_chunks
             c["hchunks"] += len(found)
-        return LookupResult(len(found) * ns.chunk_tokens, tuple(found), tuple(names[:keep]), query_chunks, lease_id)
+        return LookupResult(len(found) * ns.chunk_tokens, tuple(found), tuple(names), query_chunks, lease_id)
 
     def _extend_from_shared(self, rest: list[ChunkKey], found: list[ChunkKey], masks: list[int]) -> None:
         """Ask the first shared tier how many of ``rest`` it holds, from the first."""
@@ -276,6 +264,60 @@ class TieredStore:
         n = self.tiers[i].count_leading(rest)
         found.extend(rest[:n])
         masks.extend([1 << i] * n)
+
+    def _pin_hits(self, found: list[ChunkKey], masks: list[int], pins: dict[ChunkKey, Tier]) -> int:
+        """Pin each hit in its fastest local tier (one batch per tier); returns how many hits stand.
+
+        A hit that no local tier can pin any more (evicted since the index saw
+        it) ends the prefix there, unless a shared tier may still hold it.
+        """
+        first = self._fastest_local(masks[0])
+        if first >= 0 and masks.count(masks[0]) == len(masks):  # fast path: one tier holds them all
+            tier0 = self.tiers[first]
+            ok = tier0.pin_many(found)
+            if all(ok):
+                pins.update(dict.fromkeys(found, tier0))
+                return len(found)
+            for key, pinned in zip(found, ok):
+                if pinned:
+                    tier0.unpin(key)
+        batches: dict[int, list[int]] = {}
+        for j, mask in enumerate(masks):
+            fastest = self._fastest_local(mask)
+            if fastest >= 0:
+                batches.setdefault(fastest, []).append(j)
+        keep = len(found)
+        for i, positions in batches.items():
+            tier = self.tiers[i]
+            for j, ok in zip(positions, tier.pin_many([found[j] for j in positions])):
+                if ok:
+                    pins[found[j]] = tier
+                    continue
+                self.index.discard(found[j], i)
+                other = self._pin_fastest(found[j], masks[j] & ~(1 << i))
+                if other is not None:
+                    pins[found[j]] = other
+                elif not any(self.tiers[t].shared for t in tiers_of(masks[j])):
+                    keep = min(keep, j)
+        for key in found[keep:]:
+            tier_ = pins.pop(key, None)
+            if tier_ is not None:
+                tier_.unpin(key)
+        return keep
+
+    def _fastest_local(self, mask: int) -> int:
+        """Index of the fastest non-shared tier in ``mask``, or -1 (cached per mask)."""
+        cached = self._fastest_cache.get(mask)
+        if cached is None:
+            local = [i for i in tiers_of(mask) if not self.tiers[i].shared]
+            cached = self._fastest_cache[mask] = local[0] if local else -1
+        return cached
+
+    def _fastest_name(self, mask: int) -> str:
+        name = self._name_cache.get(mask)
+        if name is None:
+            name = self._name_cache[mask] = self.tiers[tiers_of(mask)[0]].name
+        return name
 
     def _pin_fastest(self, key: ChunkKey, mask: int) -> Tier | None:
         for i in tiers_of(mask):
@@ -322,7 +364,7 @@ class TieredStore:
             tier = self.leases.tier_of(lease, key)
             if tier is not None:
                 try:
-                    n = tier.get_into(key, out)
+                    n = tier.get_pinned_into(key, out) if isinstance(tier, MemoryTier) else tier.get_into(key, out)
                 finally:
                     self.leases.consume(lease, key)
                 if n is not None:
