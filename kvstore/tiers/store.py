@@ -274,11 +274,11 @@ class TieredStore:
         first = self._fastest_local(masks[0])
         if first >= 0 and masks.count(masks[0]) == len(masks):  # fast path: one tier holds them all
             tier0 = self.tiers[first]
-            ok = tier0.pin_many(found)
-            if all(ok):
+            pinned_all = tier0.pin_many(found)
+            if all(pinned_all):
                 pins.update(dict.fromkeys(found, tier0))
                 return len(found)
-            for key, pinned in zip(found, ok):
+            for key, pinned in zip(found, pinned_all):
                 if pinned:
                     tier0.unpin(key)
         batches: dict[int, list[int]] = {}
