@@ -21,9 +21,9 @@ import numpy.typing as npt
 from kvstore.errors import InvalidInput, UnknownName
 
 try:  # the C loop of the chained hash; optional (setup.py)
-    from kvstore import _chainhash
+    import kvstore._chainhash as _chainhash
 except ImportError:  # pragma: no cover - exercised where the extension is not built
-    _chainhash = None
+    _chainhash = None  # type: ignore[assignment]
 from kvstore.spec import KVSpec, encode_fields
 
 ChunkKey = NewType("ChunkKey", bytes)
@@ -153,7 +153,8 @@ class Sha256ChainScheme(HashScheme):
         while done < n:
             count = min(batch, n - done)
             keys = _chainhash.chain(prefix, prev, view[done * step :], step, count)
-            yield from keys
+            for key in keys:
+                yield ChunkKey(key)
             prev = keys[-1]
             done += count
             batch *= 4
