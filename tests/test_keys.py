@@ -179,3 +179,18 @@ def test_engine_keys_cover_only_full_chunks() -> None:
     ns = Namespace("t", SPEC, scheme="vllm", chunk_tokens=4)
     assert len(engine_prefix_keys(ns, [1, 2, 3], 2)) == 1
     assert engine_prefix_keys(ns, [1, 2], 2) == engine_prefix_keys(ns, [9, 2], 2)  # the last block names the chunk
+
+
+def test_c_chain_and_python_fallback_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvstore.keys as keys_mod
+
+    assert keys_mod._chainhash is not None, "the C hash helper was not built (setup.py, libssl-dev)"
+    rng = np.random.default_rng()
+    for chunk in (1, 4, 16, 256):
+        ns = Namespace("t", SPEC, chunk_tokens=chunk)
+        toks = rng.integers(0, 2**32, size=int(rng.integers(0, 3000)), dtype=np.uint64)
+        fast = prefix_keys(ns, toks)
+        monkeypatch.setattr(keys_mod, "_chainhash", None)
+        slow = prefix_keys(ns, toks)
+        monkeypatch.undo()
+        assert fast == slow and len(fast) == len(toks) // chunk
