@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
+import os
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -32,6 +35,9 @@ class CPUTierConfig:
         prefault: touch every page of the arena at start, so the first puts
             do not pay page faults (startup cost: about one memset of the arena).
         max_chunk_bytes: the largest chunk accepted (default: the budget).
+        shared_memory: put the arena in a file under ``/dev/shm`` (mode 0600)
+            that same-user client processes map, so a local get or put costs
+            one copy (kvstore.service's shared-memory path). Removed on close.
     """
 
     capacity_bytes: int
@@ -41,6 +47,7 @@ class CPUTierConfig:
     alignment: int = 4096
     prefault: bool = True
     max_chunk_bytes: int | None = None
+    shared_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.capacity_bytes <= 0:
@@ -53,6 +60,26 @@ class CPUTierConfig:
             raise InvalidInput("ttl_s must be > 0")
         if self.max_chunk_bytes is not None and not 0 < self.max_chunk_bytes <= self.capacity_bytes:
             raise InvalidInput("max_chunk_bytes must be in (0, capacity_bytes]")
+
+
+SHM_DIR = "/dev/shm"
+
+
+def _shared_arena(nbytes: int) -> tuple[U8, str, mmap.mmap]:
+    """A host buffer backed by a fresh 0600 file in /dev/shm, mapped shared."""
+    if not os.path.isdir(SHM_DIR):
+        raise InvalidInput(f"shared_memory needs {SHM_DIR}, which this system does not have")
+    path = os.path.join(SHM_DIR, f"kvstore-{os.getpid()}-{secrets.token_hex(8)}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+        mapping = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return np.frombuffer(mapping, dtype=np.uint8), path, mapping
 
 
 def _host_arena(nbytes: int, pin_memory: str) -> tuple[U8, bool]:
@@ -83,9 +110,28 @@ class CPUTier(MemoryTier):
             clock,
         )
         self.config = config
-        self._buf, self.pinned = _host_arena(self._alloc.capacity, config.pin_memory)
+        self.shm_path: str | None = None
+        self._mapping: mmap.mmap | None = None
+        if config.shared_memory:
+            self._buf, self.shm_path, self._mapping = _shared_arena(self._alloc.capacity)
+            self.pinned = False
+        else:
+            self._buf, self.pinned = _host_arena(self._alloc.capacity, config.pin_memory)
         if config.prefault and not self.pinned:
             self._buf[:: 4096] = 0  # fault every page in now, not on the first puts
+
+    def region(self, extent: Extent) -> U8:
+        """A writable view of a reserved extent, for a caller that fills it before commit."""
+        return self._buf[extent.offset : extent.offset + extent.size]
+
+    def close(self) -> None:
+        """Remove the shared-memory file (clients that mapped it keep their mapping)."""
+        if self.shm_path is not None:
+            try:
+                os.unlink(self.shm_path)
+            except FileNotFoundError:
+                pass
+            self.shm_path = None
 
     def _copy_in(self, extent: Extent, data: U8) -> bytes:
         n = data.size

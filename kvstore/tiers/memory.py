@@ -41,7 +41,7 @@ class MemoryTier(Tier):
     """Chunks in one arena with a byte budget and a pluggable eviction policy.
 
     Invariants: ``used_bytes`` is the sum of the extent sizes of the live
-    entries and the zombies, and is at most ``capacity_bytes``; an entry with
+    entries, the zombies and open reservations, and is at most ``capacity_bytes``; an entry with
     ``pins > 0`` is never evicted or freed; every extent belongs to exactly one
     entry or is free. A chunk deleted while pinned becomes a *zombie*: invisible
     to lookups and plain reads, still readable by its pin holders
@@ -87,37 +87,83 @@ class MemoryTier(Tier):
     # -- Tier ---------------------------------------------------------------------------
     def put(self, key: ChunkKey, data: U8, meta: ChunkMeta) -> bool:
         nbytes = int(data.size)
-        if nbytes > self._max_chunk:
-            raise InvalidInput(f"chunk of {nbytes} bytes exceeds tier {self.name!r}'s limit {self._max_chunk}")
         with self._lock:
             self._expire()
             if key in self._entries:
                 self._policy.touch(key, self._clock())
                 return True  # keys name their content: the stored copy is the same chunk
-            extent = self._allocate(nbytes)
-            if extent is None:
-                self._stats.rejected += 1
-                return False
+        extent = self.reserve(nbytes)
+        if extent is None:
+            return False
         try:
             checksum = self._copy_in(extent, data)
         except BaseException:
-            with self._lock:
-                self._alloc.free(extent)
+            self.abort(extent)
             raise
+        return self.commit(key, extent, replace(meta, nbytes=nbytes, checksum=checksum or meta.checksum))
+
+    def reserve(self, nbytes: int) -> Extent | None:
+        """Allocate room for a chunk that the caller fills before :meth:`commit` (or :meth:`abort`).
+
+        The extent is invisible to readers until committed. Returns None (a
+        counted rejection) if nothing evictable frees enough room.
+
+        Raises:
+            InvalidInput: larger than the tier's chunk limit.
+        """
+        if nbytes > self._max_chunk or nbytes <= 0:
+            raise InvalidInput(f"chunk of {nbytes} bytes outside tier {self.name!r}'s limit (1..{self._max_chunk})")
         with self._lock:
-            if key in self._entries:  # another put of the same key finished first: keep it
+            self._expire()
+            extent = self._allocate(nbytes)
+            if extent is None:
+                self._stats.rejected += 1
+            else:
+                self._stats.used_bytes += extent.size
+            return extent
+
+    def abort(self, extent: Extent) -> None:
+        """Give back a reserved extent that will not be committed."""
+        with self._lock:
+            self._alloc.free(extent)
+            self._stats.used_bytes -= extent.size
+
+    def commit(self, key: ChunkKey, extent: Extent, meta: ChunkMeta) -> bool:
+        """Make a filled reservation visible under ``key``; ``meta.nbytes`` bytes of it are the chunk.
+
+        If ``key`` was committed meanwhile, the stored copy is kept and the
+        extent given back (keys name their content).
+        """
+        if not 0 < meta.nbytes <= extent.size:
+            self.abort(extent)
+            raise InvalidInput(f"commit of {meta.nbytes} bytes into a reservation of {extent.size}")
+        with self._lock:
+            if key in self._entries:
                 self._alloc.free(extent)
+                self._stats.used_bytes -= extent.size
                 return True
-            entry = _Entry(extent, replace(meta, nbytes=nbytes, checksum=checksum or meta.checksum))
-            self._entries[key] = entry
+            self._entries[key] = _Entry(extent, meta)
             self._evicted_recently.pop(key, None)
-            self._policy.admit(key, nbytes, meta.cost, self._clock())
+            self._policy.admit(key, meta.nbytes, meta.cost, self._clock())
             s = self._stats
             s.puts += 1
-            s.put_bytes += nbytes
-            s.used_bytes += extent.size
+            s.put_bytes += meta.nbytes
             s.entries += 1
         return True
+
+    def locate(self, key: ChunkKey) -> Extent | None:
+        """Pin a chunk and return where it lies in the arena (offset, and its ``meta.nbytes``).
+
+        The caller reads the arena directly (e.g. a client mapping it) and
+        gives the pin back with :meth:`unpin`. None (a counted miss) if absent.
+        """
+        entry = self._acquire(key)
+        if entry is None:
+            return None
+        with self._lock:
+            self._stats.hits += 1
+            self._stats.hit_bytes += entry.meta.nbytes
+        return Extent(entry.extent.offset, entry.meta.nbytes)
 
     def get_into(self, key: ChunkKey, out: U8) -> int | None:
         return self._get_entry_into(key, self._acquire(key), out)

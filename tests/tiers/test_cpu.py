@@ -176,3 +176,53 @@ def test_concurrent_puts_and_gets_stay_consistent() -> None:
     s = t.stats()
     assert s.used_bytes <= s.capacity_bytes and t.pinned_count() == 0
     assert s.used_bytes == s.entries * 8192
+
+
+def test_reserve_commit_abort_keep_the_budget() -> None:
+    t = tier(cap=4 * 8192)
+    ext = t.reserve(5000)
+    assert ext is not None and t.stats().used_bytes == 8192
+    assert not t.contains(k(1))  # invisible until committed
+    t.region(ext)[:5000] = data(1)
+    assert t.commit(k(1), ext, ChunkMeta(NS, 5000, checksum(data(1))))
+    out = np.zeros(5000, dtype=np.uint8)
+    assert t.get_into(k(1), out) == 5000 and np.array_equal(out, data(1))
+    other = t.reserve(5000)
+    assert other is not None
+    t.abort(other)
+    assert t.stats().used_bytes == 8192 and t.stats().entries == 1
+    dup = t.reserve(100)
+    assert dup is not None and t.commit(k(1), dup, ChunkMeta(NS, 100, b""))  # already there: kept
+    assert t.stats().used_bytes == 8192
+    with pytest.raises(InvalidInput):
+        t.reserve(10**9)
+
+
+def test_shared_memory_arena_is_read_by_another_process() -> None:
+    import os
+    import subprocess
+    import sys
+
+    t = CPUTier(CPUTierConfig(capacity_bytes=1 << 20, shared_memory=True))
+    try:
+        assert t.shm_path is not None and os.stat(t.shm_path).st_mode & 0o777 == 0o600
+        d = data(3)
+        t.put(k(3), d, meta())
+        loc = t.locate(k(3))  # pinned while the other process reads
+        assert loc is not None and loc.size == d.size
+        code = (
+            "import mmap, os, sys, hashlib\n"
+            f"fd = os.open({t.shm_path!r}, os.O_RDONLY)\n"
+            "m = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)\n"
+            f"print(hashlib.sha256(m[{loc.offset}:{loc.offset + loc.size}]).hexdigest())\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        import hashlib
+
+        assert out.stdout.strip() == hashlib.sha256(d.tobytes()).hexdigest()
+        t.unpin(k(3))
+        assert t.pinned_count() == 0
+    finally:
+        path = t.shm_path
+        t.close()
+    assert path is not None and not os.path.exists(path)
