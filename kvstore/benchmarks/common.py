@@ -1,4 +1,4 @@
-"""Shared machinery of the benchmarks: timing loops, a report, plain baselines, a local Redis.
+"""Shared machinery of the benchmarks: timing loops, a report, the common flags.
 
 Every benchmark measures its baseline in the same run and reports ratios.
 Timings are medians over repeated runs after a warm-up, because the machines
@@ -8,7 +8,8 @@ and with ``--json`` one JSON object as the very last line of stdout for
 scripts. Progress goes to stderr, so it never mixes with either.
 
 The plain baselines (file write/read, a raw-socket Redis client, traced
-memory) live here so that every benchmark measures them the same way.
+memory) live in kvstore.benchmarks.baselines and the throwaway redis-server
+in kvstore.benchmarks.local_redis; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,29 +19,28 @@ import contextlib
 import gc
 import json
 import math
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import tracemalloc
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
-from urllib.parse import unquote, urlparse
 
-import numpy as np
-import numpy.typing as npt
 from tqdm import tqdm
+
+from kvstore.benchmarks.baselines import U8, RawRedis, read_file_into, traced_bytes, write_file
+from kvstore.benchmarks.local_redis import LocalRedis, free_port, local_redis, redis_url_or_local
+
+__all__ = [
+    "U8", "Case", "JSONValue", "LocalRedis", "Op", "RawRedis", "Report", "Timing", "add_common_arguments",
+    "finish", "format_rate", "format_ratio", "format_seconds", "free_port", "gc_paused", "local_redis",
+    "measure", "measure_interleaved", "nonnegative_int", "percentile", "positive_float", "positive_int",
+    "progress", "quick_default", "read_file_into", "redis_url_or_local", "say", "traced_bytes", "write_file",
+]
 
 Op = Callable[[int], object]
 """One benchmarked operation; it receives the iteration number (warm-up first)."""
 
 JSONValue = float | int | str | bool | None
-U8 = npt.NDArray[np.uint8]
 T = TypeVar("T", int, float)
 
 
@@ -352,218 +352,3 @@ def positive_float(text: str) -> float:
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
-
-
-# -- plain baselines ---------------------------------------------------------------------
-
-
-def write_file(path: str, data: U8, fsync: bool = False, truncate: bool = True) -> None:
-    """Write ``data`` to a file with ``write()`` (and ``fsync`` if asked): the plain way to persist.
-
-    With ``truncate=False`` an existing file is overwritten in place, so the
-    page cache and the filesystem reuse its pages instead of allocating.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0)
-    fd = os.open(path, flags, 0o644)
-    try:
-        view = data.data
-        while view:
-            view = view[os.write(fd, view) :]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_file_into(path: str, out: U8) -> int:
-    """Read a file into the start of ``out`` with ``readinto``; returns the bytes read."""
-    with open(path, "rb", buffering=0) as f:
-        view, n = out.data, 0
-        while n < len(view) and (got := f.readinto(view[n:])):
-            n += got
-        return n
-
-
-def traced_bytes(build: Callable[[], object]) -> int:
-    """Bytes allocated (per tracemalloc) and still held when ``build`` returns.
-
-    Only Python-level allocations are seen (objects, numpy buffers); what
-    ``build`` allocated and freed again does not count.
-    """
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        held = build()
-        after = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
-    del held
-    return after - before
-
-
-class RawRedis:
-    """The least a Redis client can do: RESP on one blocking socket, values sent and received in place.
-
-    A baseline, not a client: SET and GET of large values only, no pooling,
-    no retries. It speaks to ``redis://[:password@]host:port[/db]``.
-    """
-
-    def __init__(self, url: str, timeout_s: float = 120.0) -> None:
-        u = urlparse(url)
-        if u.scheme != "redis" or not u.hostname:
-            raise ValueError(f"RawRedis needs a redis://host:port URL, got {url!r}")
-        self._sock = socket.create_connection((u.hostname, u.port or 6379), timeout=timeout_s)
-        if u.password:
-            user = [unquote(u.username).encode()] if u.username else []
-            self._expect_ok(b"AUTH", *user, unquote(u.password).encode())
-        if u.path.strip("/"):
-            self._expect_ok(b"SELECT", u.path.strip("/").encode())
-
-    def set(self, key: bytes, value: memoryview) -> None:
-        self._send(b"SET", key, value)
-        self._expect_ok()
-
-    def get_into(self, key: bytes, out: memoryview) -> int:
-        """GET straight into ``out``; returns the value's length (-1 if absent).
-
-        Raises:
-            RuntimeError: an error reply or a value larger than ``out``.
-        """
-        self._send(b"GET", key)
-        line = self._line()
-        if line == b"$-1":
-            return -1
-        n = int(line[1:]) if line[:1] == b"$" else -1
-        if n < 0 or n > len(out):
-            raise RuntimeError(f"GET {key!r}: reply {line[:80]!r} does not fit {len(out)} bytes")
-        got = 0
-        while got < n:
-            got += self._recv_into(out[got:n])
-        self._line()  # the CRLF after the value
-        return n
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def _send(self, *parts: bytes | memoryview) -> None:
-        head = b"*%d\r\n" % len(parts)
-        for i, part in enumerate(parts):
-            head += b"$%d\r\n" % len(part)
-            if len(part) >= 1 << 16:  # a large value goes out from its own memory
-                self._sock.sendall(head)
-                self._sock.sendall(part)
-                head = b"\r\n"
-            else:
-                head += bytes(part) + b"\r\n"
-        self._sock.sendall(head)
-
-    def _expect_ok(self, *command: bytes) -> None:
-        if command:
-            self._send(*command)
-        line = self._line()
-        if line != b"+OK":
-            raise RuntimeError(f"redis answered {line[:80]!r}")
-
-    def _line(self) -> bytes:
-        line = bytearray()
-        while not line.endswith(b"\r\n"):  # byte by byte: never reads past the line into a value
-            byte = self._sock.recv(1)
-            if not byte:
-                raise ConnectionError("redis closed the connection")
-            line += byte
-        return bytes(line[:-2])
-
-    def _recv_into(self, view: memoryview) -> int:
-        n = self._sock.recv_into(view)
-        if n == 0:
-            raise ConnectionError("redis closed the connection")
-        return n
-
-
-# -- a throwaway local Redis ------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def redis_url_or_local(url: str | None) -> Iterator[str | None]:
-    """``url`` if given, else a private redis-server's URL (stopped on exit), else None (none on PATH)."""
-    if url is not None:
-        yield url
-    elif shutil.which("redis-server") is None:
-        yield None
-    else:
-        with local_redis() as server:
-            yield server.url
-
-
-@dataclass(frozen=True, slots=True)
-class LocalRedis:
-    """A redis-server this process started on loopback; gone when its context exits."""
-
-    url: str
-    port: int
-    pid: int
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the caller retries on a race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def local_redis(executable: str = "redis-server", start_timeout_s: float = 10.0) -> Iterator[LocalRedis]:
-    """Start a private redis-server on a free loopback port, without persistence.
-
-    The server runs in a temporary directory and is stopped (and the
-    directory removed) when the context exits, also on errors.
-
-    Raises:
-        FileNotFoundError: ``executable`` is not on PATH.
-        RuntimeError: the server did not answer PING within ``start_timeout_s``.
-    """
-    path = shutil.which(executable)
-    if path is None:
-        raise FileNotFoundError(f"{executable} is not on PATH")
-    with tempfile.TemporaryDirectory(prefix="kvstore-bench-redis-") as workdir:
-        for _attempt in range(5):
-            port = free_port()
-            proc = _spawn_redis(path, port, workdir)
-            try:
-                if _wait_for_ping(proc, port, start_timeout_s):
-                    yield LocalRedis(f"redis://127.0.0.1:{port}", port, proc.pid)
-                    return
-            finally:
-                _stop(proc)
-        raise RuntimeError(f"{executable} did not start (5 attempts); see its log in {workdir}")
-
-
-def _spawn_redis(path: str, port: int, workdir: str) -> subprocess.Popen[bytes]:
-    args = [path, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    args += ["--dir", workdir, "--logfile", os.path.join(workdir, "redis.log"), "--daemonize", "no"]
-    return subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-
-def _wait_for_ping(proc: subprocess.Popen[bytes], port: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False  # exited: most likely the port was taken meanwhile
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            if s.recv(16).startswith(b"+PONG"):
-                return True
-        time.sleep(0.05)
-    return False
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

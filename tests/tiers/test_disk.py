@@ -17,7 +17,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
-import kvstore.tiers.disk as disk_mod
+import kvstore.tiers.disk_open as disk_mod
 from kvstore.checksum import checksum
 from kvstore.errors import Busy, ChunkTooLarge, DiskFull, InvalidInput, LeaseError
 from kvstore.keys import ChunkKey, NamespaceId

@@ -536,3 +536,34 @@ def test_cluster_redirects_fall_back_to_redis_py(
         assert t.clear() == 12
     finally:
         t.close()
+
+
+def test_connection_without_socket_reads_through_redis_py(
+    tier: RemoteTier, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection exposing no ``_sock``: GETs fall back to redis-py, verified; the tier stays up."""
+    from types import SimpleNamespace
+
+    from kvstore.tiers import remote, resp
+
+    assert resp.socket_of(SimpleNamespace()) is None  # type: ignore[arg-type]
+    assert resp.socket_of(SimpleNamespace(_sock=object())) is None  # type: ignore[arg-type]
+    real_socket_of, real_get = resp.socket_of, remote._get_quietly
+    monkeypatch.setattr(resp, "socket_of", lambda conn: real_socket_of(SimpleNamespace()))
+    fetched: list[bytes] = []
+    monkeypatch.setattr(remote, "_get_quietly", lambda c, rk: fetched.append(rk) or real_get(c, rk))
+    items = [(key(i), *chunk(1000 + i)) for i in range(6)]
+    assert all(tier.put_many(items))
+    outs = [np.empty(2000, np.uint8) for _ in items]
+    assert tier.get_many_into([k for k, _, _ in items], outs) == [1000 + i for i in range(6)]
+    assert all(np.array_equal(o[: d.size], d) for o, (_, d, _) in zip(outs, items))
+    got = tier.read(key(0))
+    assert got is not None and np.array_equal(got[0], items[0][1])
+    assert tier.get_into(key(99), outs[0]) is None  # absent
+    assert tier.get_into(key(1), np.empty(10, np.uint8)) is None  # too small
+    redis_server.client().set(rkey(key(7)), b"not a record")
+    assert tier.get_into(key(7), outs[0]) is None and not redis_server.client().exists(rkey(key(7)))
+    s = tier.stats()
+    assert s.hits == 7 and s.misses["remote_down"] == 0 and tier.available
+    assert s.misses["absent"] == 1 and s.misses["too_small"] == 1 and s.misses["corrupt"] == 1
+    assert len(fetched) == 10  # every read went through redis-py
