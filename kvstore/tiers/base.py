@@ -123,8 +123,12 @@ class Tier(ABC):
         """
 
     @abstractmethod
-    def get_into(self, key: ChunkKey, out: U8) -> int | None:
-        """Copy the chunk into ``out[:n]`` and return n, or None on a miss (counted)."""
+    def get_into(self, key: ChunkKey, out: U8, namespace: NamespaceId | None = None) -> int | None:
+        """Copy the chunk into ``out[:n]`` and return n, or None on a miss (counted).
+
+        With ``namespace``, a chunk stored under another namespace is a miss
+        (``absent``) and nothing is copied: one tenant never reads another's KV.
+        """
 
     @abstractmethod
     def read(self, key: ChunkKey) -> tuple[U8, ChunkMeta] | None:

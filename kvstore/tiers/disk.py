@@ -132,18 +132,35 @@ class DiskTier(Tier):
             self._notify_evicted(k, m, None)
         return ok
 
-    def get_into(self, key: ChunkKey, out: BufferLike) -> int | None:
+    def get_into(self, key: ChunkKey, out: BufferLike, namespace: NamespaceId | None = None) -> int | None:
         """Copy the verified chunk into ``out[:n]``.
 
         Returns:
             n, or None on a miss (absent, evicted, expired, corrupt, ``out`` too
-            small), counted by reason. After a corrupt miss ``out[:n]`` is zeroed.
+            small, or with ``namespace`` a record of another namespace), counted
+            by reason. After a corrupt or foreign miss ``out[:n]`` is zeroed.
 
         Raises:
             InvalidInput: ``out`` is not a writable contiguous CPU buffer.
         """
-        found = self._get(key, as_u8(out, writable=True))
-        return None if found is None else found[0].payload_len
+        view = as_u8(out, writable=True)
+        meta = self.meta(key) if namespace is not None else None
+        if meta is not None and meta.namespace != namespace:
+            self._foreign_miss()
+            return None
+        found = self._get(key, view)
+        if found is None:
+            return None
+        header = found[0]
+        if namespace is not None and header.namespace != namespace:
+            view[: header.payload_len] = 0
+            self._foreign_miss()
+            return None
+        return header.payload_len
+
+    def _foreign_miss(self) -> None:
+        with self._lock:
+            self._stats.miss(MissReason.ABSENT)  # another namespace's chunk: as if absent
 
     def read(self, key: ChunkKey) -> tuple[U8, ChunkMeta] | None:
         """A verified copy of the chunk and its meta (from its header), or None on a miss (counted)."""

@@ -89,7 +89,11 @@ class MemoryTier(Tier):
         nbytes = int(data.size)
         with self._lock:
             self._expire()
-            if key in self._entries:
+            present = self._entries.get(key)
+            if present is not None:
+                if present.meta.namespace != meta.namespace:
+                    self._stats.rejected += 1  # a key of another namespace: never overwrite nor share it
+                    return False
                 self._policy.touch(key, self._clock())
                 return True  # keys name their content: the stored copy is the same chunk
         extent = self.reserve(nbytes)
@@ -165,17 +169,22 @@ class MemoryTier(Tier):
             self._stats.hit_bytes += entry.meta.nbytes
         return Extent(entry.extent.offset, entry.meta.nbytes)
 
-    def get_into(self, key: ChunkKey, out: U8) -> int | None:
-        return self._get_entry_into(key, self._acquire(key), out)
+    def get_into(self, key: ChunkKey, out: U8, namespace: NamespaceId | None = None) -> int | None:
+        return self._get_entry_into(key, self._acquire(key, namespace), out)
 
-    def get_pinned_into(self, key: ChunkKey, out: U8) -> int | None:
+    def get_pinned_into(self, key: ChunkKey, out: U8, namespace: NamespaceId | None = None) -> int | None:
         """Like :meth:`get_into` for a caller holding a pin: also reads a chunk deleted since."""
         with self._lock:
             zombies = self._zombies.get(key)
             entry = zombies[0] if zombies else None
             if entry is not None:
                 entry.pins += 1
-        return self._get_entry_into(key, entry if entry is not None else self._acquire(key), out)
+        if entry is None:
+            entry = self._acquire(key, namespace)
+        elif namespace is not None and entry.meta.namespace != namespace:
+            self._release(key, entry)
+            entry = None
+        return self._get_entry_into(key, entry, out)
 
     def _get_entry_into(self, key: ChunkKey, entry: _Entry | None, out: U8) -> int | None:
         if entry is None:
@@ -278,13 +287,16 @@ class MemoryTier(Tier):
             return self._evicted_recently.get(key, MissReason.ABSENT)
 
     # -- internals (call with the lock held unless noted) ---------------------------
-    def _acquire(self, key: ChunkKey) -> _Entry | None:
+    def _acquire(self, key: ChunkKey, namespace: NamespaceId | None = None) -> _Entry | None:
         """Pin a present entry for a read and touch it; count a miss otherwise. Takes the lock."""
         with self._lock:
             self._expire()
             entry = self._entries.get(key)
             if entry is None:
                 self._stats.miss(self._evicted_recently.get(key, MissReason.ABSENT))
+                return None
+            if namespace is not None and entry.meta.namespace != namespace:
+                self._stats.miss(MissReason.ABSENT)  # another namespace's chunk: as if absent
                 return None
             entry.pins += 1
             self._policy.touch(key, self._clock())

@@ -202,11 +202,13 @@ class RemoteTier(Tier):
 
     # ---- reads ------------------------------------------------------------
 
-    def get_into(self, key: ChunkKey, out: U8) -> int | None:
+    def get_into(self, key: ChunkKey, out: U8, namespace: NamespaceId | None = None) -> int | None:
         """Copy the chunk into ``out[:n]``; see :meth:`get_many_into`."""
-        return self.get_many_into([key], [out])[0]
+        return self.get_many_into([key], [out], namespace)[0]
 
-    def get_many_into(self, keys: Sequence[ChunkKey], outs: Sequence[U8]) -> list[int | None]:
+    def get_many_into(
+        self, keys: Sequence[ChunkKey], outs: Sequence[U8], namespace: NamespaceId | None = None
+    ) -> list[int | None]:
         """Fetch chunks into caller buffers: pipelined GETs over ``parallelism`` connections.
 
         Args:
@@ -220,13 +222,25 @@ class RemoteTier(Tier):
 
         Raises:
             InvalidInput: the lists differ in length or a buffer is not writable.
+
+        With ``namespace``, a record of another namespace is an ``absent`` miss
+        and its bytes are wiped from the buffer: one tenant never reads another's KV.
         """
         if len(keys) != len(outs):
             raise InvalidInput(f"{len(keys)} keys but {len(outs)} output buffers")
         views = [as_u8(out, writable=True) for out in outs]
         jobs = [ReadJob(key, self._rkey(key), fits(view)) for key, view in zip(keys, views)]
         got = self._read(jobs, [v.size for v in views])
-        return [o.data.size if isinstance(o, Got) else None for o in got]
+        return [self._own(o, namespace) for o in got]
+
+    def _own(self, outcome: Outcome, namespace: NamespaceId | None) -> int | None:
+        if not isinstance(outcome, Got):
+            return None
+        if namespace is not None and outcome.header.namespace != namespace:
+            outcome.data[:] = 0
+            self._count_miss(MissReason.ABSENT)
+            return None
+        return int(outcome.data.size)
 
     def read(self, key: ChunkKey) -> tuple[U8, ChunkMeta] | None:
         """A verified copy of the chunk and its meta, or None on a counted miss."""

@@ -228,9 +228,21 @@ class TieredStore:
     def lookup_keys(
         self, ns: Namespace, keys: Sequence[ChunkKey], lease: bool = True, ttl_s: float | None = None
     ) -> LookupResult:
-        """Like :meth:`lookup` for keys the caller computed (engine-provided hashes)."""
+        """Like :meth:`lookup` for keys the caller computed (engine-provided hashes).
+
+        Caller-supplied keys could name another namespace's chunks, so each hit
+        is checked to belong to ``ns``; the prefix ends at the first that does not.
+        """
         self._check(ns)
-        return self._lookup(ns, iter(keys), len(keys), lease, ttl_s)
+        return self._lookup(ns, (k for k in keys if self._belongs(ns.id, k)), len(keys), lease, ttl_s)
+
+    def _belongs(self, ns_id: NamespaceId, key: ChunkKey) -> bool:
+        """False if a local tier holds ``key`` for another namespace (absent keys pass: they miss anyway)."""
+        fastest = self._fastest_local(self.index.where(key))
+        if fastest < 0:
+            return True
+        meta = self.tiers[fastest].meta(key)
+        return meta is None or meta.namespace == ns_id
 
     def _lookup(
         self, ns: Namespace, keys_it: Iterator[ChunkKey], query_chunks: int, lease: bool, ttl_s: float | None
@@ -364,7 +376,11 @@ class TieredStore:
             tier = self.leases.tier_of(lease, key)
             if tier is not None:
                 try:
-                    n = tier.get_pinned_into(key, out) if isinstance(tier, MemoryTier) else tier.get_into(key, out)
+                    n = (
+                        tier.get_pinned_into(key, out, ns.id)
+                        if isinstance(tier, MemoryTier)
+                        else tier.get_into(key, out, ns.id)
+                    )
                 finally:
                     self.leases.consume(lease, key)
                 if n is not None:
@@ -374,7 +390,7 @@ class TieredStore:
         order = tiers_of(mask) + [i for i, t in enumerate(self.tiers) if t.shared and not mask >> i & 1]
         for i in order:
             tier = self.tiers[i]
-            n = tier.get_into(key, out)
+            n = tier.get_into(key, out, ns.id)
             if n is not None:
                 if not mask >> i & 1:
                     self.index.add(key, i)
@@ -402,11 +418,12 @@ class TieredStore:
         self._check(ns)
         found = False
         for i, tier in enumerate(self.tiers):
+            meta = tier.meta(key)
+            if meta is not None and meta.namespace != ns.id:
+                continue  # another namespace's chunk: not ours to delete
             if tier.delete(key):
                 found = True
                 self._removed(key, ns.id, i)
-        self.index.remove(key)
-        self.chunk_caches.discard(key)
         return found
 
     def clear(self, ns: Namespace) -> int:
@@ -429,6 +446,8 @@ class TieredStore:
         self._check(ns)
         pins: dict[ChunkKey, Tier] = {}
         for key in keys:
+            if not self._belongs(ns.id, key):
+                continue
             tier = self._pin_fastest(key, self.index.where(key))
             if tier is not None:
                 pins[key] = tier

@@ -213,3 +213,21 @@ def test_bad_input_gets_clear_errors_and_loses_nothing() -> None:
             StoreConfig(write_mode="sometimes")  # type: ignore[arg-type]
         out = torch.empty(SPEC.chunk_shape(16), dtype=torch.float16)
         assert st.get(NS, key, out) == CHUNK and torch.equal(out, chunk(0))  # nothing was lost
+
+
+def test_a_tenant_cannot_read_delete_pin_or_probe_another_tenants_chunks() -> None:
+    other = Namespace("tenant-b", SPEC, chunk_tokens=16)
+    with make() as st:
+        st.register_namespace(other)
+        keys = prefix_keys(NS, tokens(2))
+        st.put_prefix(NS, tokens(2), [chunk(0), chunk(1)])
+        st.flush()
+        out = torch.zeros(SPEC.chunk_shape(16), dtype=torch.float16)
+        assert st.get(other, keys[0], out) is None  # the key is known, the namespace is not its
+        assert not out.any()  # nothing was copied
+        assert st.lookup_keys(other, keys).hit_chunks == 0
+        assert st.pin(other, keys) is None
+        assert not st.delete(other, keys[0])
+        assert not st.put(other, keys[0], chunk(9))  # cannot overwrite or share the key
+        assert st.get(NS, keys[0], out) == CHUNK and torch.equal(out, chunk(0))  # the owner still has it
+        assert st.lookup_keys(NS, keys).hit_chunks == 2

@@ -129,3 +129,18 @@ def test_budgets_and_index_agree_after_churn(tmp_path: Path) -> None:
         buf = np.zeros(CHUNK, dtype=np.uint8)
         assert st.get(NS, r.keys[3], buf) == CHUNK
         assert np.array_equal(buf, chunk(3).view(torch.uint8).reshape(-1).numpy())
+
+
+def test_disk_and_remote_reads_refuse_another_namespace(tmp_path: Path, redis_server: RedisServer) -> None:
+    other = Namespace("tenant-b", SPEC, chunk_tokens=32)
+    with open_store(tmp_path, redis_server.url, cpu_chunks=1) as st:
+        st.register_namespace(other)
+        st.put_prefix(NS, toks(2), [chunk(0), chunk(1)])
+        st.flush()
+        key = prefix_keys(NS, toks(2))[0]  # evicted from the 1-chunk CPU tier: on disk and in Redis
+        assert not st.top.contains(key)
+        for tier in st.tiers[1:]:
+            buf = np.zeros(CHUNK, dtype=np.uint8)
+            assert tier.get_into(key, buf, other.id) is None and not buf.any()
+            assert tier.get_into(key, buf, NS.id) == CHUNK
+        assert st.get(other, key, out()) is None
