@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 from kvstore.errors import InvalidInput
@@ -11,6 +12,7 @@ from kvstore.tiers.base import Tier
 from kvstore.tiers.cpu import CPUTier, CPUTierConfig
 from kvstore.tiers.store import TieredStore
 from kvstore.tiers.store_types import StoreConfig
+from kvstore.tiers.tier_codecs import CodecChoice
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,7 @@ class TiersConfig:
         redis_cluster: the URL names a node of a Redis Cluster.
         redis_bytes: budget this store may write to the remote tier.
         write_mode: ``write_through`` or ``write_back`` (see StoreConfig).
+        codecs: tier name (``disk``, ``redis``) -> the codec it stores chunks with.
     """
 
     cpu_bytes: int = 1 << 30
@@ -38,6 +41,7 @@ class TiersConfig:
     redis_cluster: bool = False
     redis_bytes: int = 8 << 30
     write_mode: Literal["write_through", "write_back"] = "write_through"
+    codecs: Mapping[str, CodecChoice] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.cpu_bytes <= 0 or self.disk_bytes <= 0 or self.redis_bytes <= 0:
@@ -73,7 +77,7 @@ def build_store(config: TiersConfig, store_config: StoreConfig | None = None) ->
     """A store over the configured tiers; the caller owns it and must close it."""
     tiers = build_tiers(config)
     try:
-        return TieredStore(tiers, store_config or StoreConfig(write_mode=config.write_mode))
+        return TieredStore(tiers, store_config or StoreConfig(write_mode=config.write_mode, codecs=config.codecs))
     except BaseException:
         for tier in tiers:
             tier.close()

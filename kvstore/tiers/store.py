@@ -9,6 +9,7 @@ tiers report evictions, so it never names a chunk a local tier dropped.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,7 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from kvstore.buffers import U8, BufferLike, as_u8, check_chunk, is_raw
-from kvstore.errors import ChunkTooLarge, InvalidInput, UnknownNamespace
+from kvstore.codecs.base import CodecParams
+from kvstore.errors import ChunkTooLarge, CodecError, InvalidInput, UnknownNamespace
 from kvstore.events import EventSink, StoreEvent
 from kvstore.index.chunk_cache import ChunkCacheEntry, ChunkCacheIndex
 from kvstore.index.prefix import MAX_TIERS, PrefixIndex, tiers_of
@@ -27,9 +29,11 @@ from kvstore.tiers.memory import MemoryTier
 from kvstore.tiers.store_types import LookupResult, StoreConfig, StoreStats
 
 __all__ = ["LookupResult", "StoreConfig", "StoreStats", "TieredStore"]
+from kvstore.tiers.tier_codecs import CodecChoice, TierCodecs
 from kvstore.tiers.writer import BackgroundWriter, WriteJob
 
 Clock = Callable[[], float]
+log = logging.getLogger(__name__)
 
 
 class TieredStore:
@@ -70,13 +74,21 @@ class TieredStore:
         self.leases = LeaseTable(clock, config.lease_ttl_s, config.max_leases)
         self._namespaces: dict[NamespaceId, Namespace] = {}
         self._lock = threading.Lock()
-        self._counts = {k: 0 for k in ("lookups", "qchunks", "hchunks", "gets", "hits", "misses", "promotions")}
+        self._counts = {
+            k: 0 for k in ("lookups", "qchunks", "hchunks", "gets", "hits", "misses", "promotions", "decode_errors")
+        }
         for i, tier in enumerate(self.tiers):
             tier.add_evict_listener(self._evict_listener(i))
             if not tier.shared:  # a persistent tier reopened with chunks: index what it holds
                 for key in tier.keys():
                     self.index.add(key, i)
-        self._writer = BackgroundWriter(self.tiers, self._stored, config.queue_depth, config.queue_timeout_s)
+        unknown = set(config.codecs) - {t.name for t in self.tiers[1:]}
+        if unknown:
+            raise InvalidInput(f"codecs name tiers that are not below the top tier: {sorted(unknown)}")
+        self.codecs = TierCodecs(config.codecs)
+        self._writer = BackgroundWriter(
+            self.tiers, self._stored, config.queue_depth, config.queue_timeout_s, self._prepare
+        )
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="kvstore-reaper", daemon=True)
         self._reaper.start()
@@ -191,6 +203,28 @@ class TieredStore:
         if self.config.write_mode == "write_through" and len(self.tiers) > 1:
             self._writer.submit(WriteJob(key, stored_meta, list(range(1, len(self.tiers))), source=self.top))
         return True
+
+    def set_codec(self, ns: Namespace, tier: str, codec: str, params: CodecParams | None = None) -> None:
+        """Choose the codec ``ns``'s chunks get in an encoded tier (one named in ``StoreConfig.codecs``).
+
+        Raises:
+            UnknownNamespace, UnknownName (codec), InvalidInput (a raw tier or bad params).
+        """
+        self._check(ns)
+        self.codecs.set(ns.id, tier, CodecChoice(codec, dict(params or {})))
+
+    def _prepare(self, key: ChunkKey, meta: ChunkMeta, tier: int, data: U8) -> tuple[U8, ChunkMeta] | None:
+        """What tier number ``tier`` stores for a chunk: its raw bytes or its codec container."""
+        name = self.tiers[tier].name
+        if not self.codecs.encoded(name):
+            return data, meta
+        ns = self._namespaces.get(meta.namespace)
+        if ns is None:
+            return None
+        encoded = self.codecs.encode(ns, name, data)
+        if encoded is None:
+            return data, meta
+        return encoded, ChunkMeta(ns.id, int(encoded.size), b"", meta.cost)
 
     def _stored(self, key: ChunkKey, meta: ChunkMeta, tier: int) -> None:
         self.index.add(key, tier)
@@ -376,11 +410,7 @@ class TieredStore:
             tier = self.leases.tier_of(lease, key)
             if tier is not None:
                 try:
-                    n = (
-                        tier.get_pinned_into(key, out, ns.id)
-                        if isinstance(tier, MemoryTier)
-                        else tier.get_into(key, out, ns.id)
-                    )
+                    n = self._tier_get(tier, key, out, ns, pinned=True)
                 finally:
                     self.leases.consume(lease, key)
                 if n is not None:
@@ -390,7 +420,7 @@ class TieredStore:
         order = tiers_of(mask) + [i for i, t in enumerate(self.tiers) if t.shared and not mask >> i & 1]
         for i in order:
             tier = self.tiers[i]
-            n = tier.get_into(key, out, ns.id)
+            n = self._tier_get(tier, key, out, ns, pinned=False)
             if n is not None:
                 if not mask >> i & 1:
                     self.index.add(key, i)
@@ -399,6 +429,28 @@ class TieredStore:
             if mask >> i & 1 and not tier.contains(key):
                 self.index.discard(key, i)
         return None
+
+    def _tier_get(self, tier: Tier, key: ChunkKey, out: U8, ns: Namespace, pinned: bool) -> int | None:
+        """Read ``key`` from one tier into ``out``, decoding a codec container; None on a miss."""
+        encoded = self.codecs.encoded(tier.name)
+        dst = out
+        if encoded:
+            meta = tier.meta(key)
+            dst = np.empty(meta.nbytes if meta is not None else 0, dtype=np.uint8)
+        if pinned and isinstance(tier, MemoryTier):
+            n = tier.get_pinned_into(key, dst, ns.id)
+        else:
+            n = tier.get_into(key, dst, ns.id)
+        if n is None or not encoded:
+            return n
+        try:
+            return self.codecs.decode_into(ns, dst[:n], out)
+        except CodecError:
+            log.warning("tier %s holds an undecodable container; dropping it", tier.name)
+            with self._lock:
+                self._counts["decode_errors"] += 1
+            tier.delete(key)
+            return None
 
     def _promote(self, ns: Namespace, key: ChunkKey, out: U8, n: int, tier: int) -> None:
         if tier == 0 or not self.config.promote_on_hit:
@@ -476,6 +528,7 @@ class TieredStore:
             get_hits=c["hits"],
             get_misses=c["misses"],
             promotions=c["promotions"],
+            decode_errors=c["decode_errors"],
             namespaces=len(self._namespaces),
             index_entries=len(self.index),
         )

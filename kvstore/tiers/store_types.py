@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 from kvstore.errors import InvalidInput
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import TierStats
 from kvstore.tiers.leases import LeaseId, LeaseStats
+from kvstore.tiers.tier_codecs import CodecChoice
 from kvstore.tiers.writer import WriterStats
 
 WriteMode = Literal["write_through", "write_back"]
@@ -30,6 +32,8 @@ class StoreConfig:
         promote_on_hit: copy a chunk read from a lower tier into the top tier.
         max_chunk_bytes: the largest chunk accepted; larger raise ChunkTooLarge.
         reaper_interval_s: how often the background reaper expires leases.
+        codecs: tier name -> the codec that tier stores chunks with (docs/codecs.md);
+            tiers not named hold raw KV. The top tier always holds raw KV.
     """
 
     write_mode: WriteMode = "write_through"
@@ -40,6 +44,7 @@ class StoreConfig:
     promote_on_hit: bool = True
     max_chunk_bytes: int = 1 << 30
     reaper_interval_s: float = 0.25
+    codecs: Mapping[str, CodecChoice] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.write_mode not in ("write_through", "write_back"):
@@ -96,5 +101,6 @@ class StoreStats:
     get_hits: int
     get_misses: int
     promotions: int
+    decode_errors: int
     namespaces: int
     index_entries: int

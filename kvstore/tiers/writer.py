@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 Stored = Callable[[ChunkKey, ChunkMeta, int], None]
 """Called after a job stored a chunk in the store's tier number ``int``."""
 
+Prepare = Callable[[ChunkKey, ChunkMeta, int, U8], "tuple[U8, ChunkMeta] | None"]
+"""Turns a chunk's raw bytes into what tier number ``int`` stores (e.g. a codec
+container) and its meta; None to skip that tier."""
+
 
 @dataclass(slots=True)
 class WriteJob:
@@ -58,9 +62,12 @@ class _Stop:
 class BackgroundWriter:
     """One thread draining a bounded queue of write jobs into lower tiers."""
 
-    def __init__(self, tiers: list[Tier], on_stored: Stored, depth: int, put_timeout_s: float) -> None:
+    def __init__(
+        self, tiers: list[Tier], on_stored: Stored, depth: int, put_timeout_s: float, prepare: Prepare
+    ) -> None:
         self._tiers = tiers
         self._on_stored = on_stored
+        self._prepare = prepare
         self._timeout = put_timeout_s
         self._queue: queue.Queue[WriteJob | _Stop] = queue.Queue(maxsize=depth)
         self._stats = WriterStats()
@@ -139,8 +146,9 @@ class BackgroundWriter:
             for index in job.targets:
                 tier = self._tiers[index]
                 try:
-                    stored = tier.put(job.key, data, job.meta)
-                except Exception:  # a failing tier must not stop the writer
+                    prepared = self._prepare(job.key, job.meta, index, data)
+                    stored = prepared is not None and tier.put(job.key, prepared[0], prepared[1])
+                except Exception:  # a failing tier or codec must not stop the writer
                     log.exception("background write to tier %s failed", tier.name)
                     with self._lock:
                         self._stats.failed += 1
