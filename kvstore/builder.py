@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ class TiersConfig:
         redis_bytes: budget this store may write to the remote tier.
         write_mode: ``write_through`` or ``write_back`` (see StoreConfig).
         codecs: tier name (``disk``, ``redis``) -> the codec it stores chunks with.
+        shared_memory: put the CPU tier's arena in /dev/shm so same-user clients
+            on this host get and put with one copy (the data plane's shm path).
     """
 
     cpu_bytes: int = 1 << 30
@@ -42,6 +45,7 @@ class TiersConfig:
     redis_bytes: int = 8 << 30
     write_mode: Literal["write_through", "write_back"] = "write_through"
     codecs: Mapping[str, CodecChoice] = field(default_factory=dict)
+    shared_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.cpu_bytes <= 0 or self.disk_bytes <= 0 or self.redis_bytes <= 0:
@@ -50,7 +54,8 @@ class TiersConfig:
 
 def build_tiers(config: TiersConfig) -> list[Tier]:
     """The tiers named by ``config``, fastest first."""
-    tiers: list[Tier] = [CPUTier(CPUTierConfig(capacity_bytes=config.cpu_bytes, policy=config.policy))]
+    cpu = CPUTierConfig(capacity_bytes=config.cpu_bytes, policy=config.policy, shared_memory=config.shared_memory)
+    tiers: list[Tier] = [CPUTier(cpu)]
     if config.data_dir is not None:
         from kvstore.tiers.disk import DiskTier, DiskTierConfig
 
@@ -77,7 +82,10 @@ def build_store(config: TiersConfig, store_config: StoreConfig | None = None) ->
     """A store over the configured tiers; the caller owns it and must close it."""
     tiers = build_tiers(config)
     try:
-        return TieredStore(tiers, store_config or StoreConfig(write_mode=config.write_mode, codecs=config.codecs))
+        chosen = store_config or StoreConfig(write_mode=config.write_mode)
+        if config.codecs and not chosen.codecs:
+            chosen = dataclasses.replace(chosen, codecs=config.codecs)
+        return TieredStore(tiers, chosen)
     except BaseException:
         for tier in tiers:
             tier.close()

@@ -1,6 +1,6 @@
 """The data-plane wire protocol, version 1: a fixed prefix, a msgpack header, raw payload.
 
-Frame layout (little-endian), specified in docs/protocol.md::
+Frame layout (little-endian), specified byte by byte in docs/protocol.md::
 
     0   4  magic   b"KVS1"
     4   1  version (1)
@@ -13,19 +13,36 @@ Frame layout (little-endian), specified in docs/protocol.md::
 
 The payload is the concatenation of raw buffers whose sizes the header lists
 (``sizes``); chunk bytes never pass through msgpack. No pickle, no eval:
-headers are plain maps of ints, strings, bytes, bools and lists of them.
+headers are plain maps of ints, floats, strings, bytes, bools and lists of them.
+
+Every error a reply can carry maps to one exception class (:data:`ERROR_CLASSES`),
+so the server raises typed errors and the client re-raises the same types.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from kvstore.errors import InvalidInput, KVStoreError
+from kvstore.errors import (
+    Busy,
+    CapacityError,
+    ChunkCorrupt,
+    ChunkTooLarge,
+    InvalidInput,
+    KVStoreError,
+    LeaseError,
+    RemoteUnavailable,
+    UnknownName,
+    UnknownNamespace,
+)
+from kvstore.keys import Namespace
+from kvstore.spec import KVSpec, ModelFingerprint, Shard
 
 MAGIC = b"KVS1"
 VERSION = 1
@@ -33,30 +50,38 @@ PREFIX = struct.Struct("<4sBBHIIQ")
 PREFIX_BYTES = PREFIX.size  # 24
 MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_PAYLOAD = 1 << 30
+CHECKSUM_BYTES = 16
+MAX_KEYS = 1 << 16  # keys per request
 
 
 class MsgType(enum.IntEnum):
     """Request types (client -> daemon) and reply types (daemon -> client)."""
 
-    HELLO = 1  # {token?, client} -> HELLO_OK {tenant, limits, shm}
-    REGISTER = 2  # {spec} -> OK {namespace}
-    PUT = 3  # {ns, keys, sizes, cost} + payload -> OK {stored}
-    LOOKUP = 4  # {ns, keys? | tokens in payload, lease, ttl_s} -> OK {hit_tokens, keys, tiers, lease}
-    GET = 5  # {ns, keys, lease?} -> OK {sizes (-1 = miss)} + payload
+    HELLO = 1  # {token?, client?, shm?} -> HELLO_OK {tenant, max_payload_bytes, max_inflight_bytes, shm}
+    REGISTER = 2  # {spec} -> OK {namespace, chunk_bytes}
+    PUT = 3  # {ns, keys, sizes, checksums | checksum_trailer, cost?} + payload -> OK {stored}
+    LOOKUP = 4  # {ns, keys? | tokens in payload, lease?, ttl_s?} -> OK {hit_tokens, keys, tiers, query_chunks, lease}
+    GET = 5  # {ns, keys, lease?, capacity?} -> OK {sizes (-1 = miss), checksums} + payload
     DELETE = 6  # {ns, keys} -> OK {deleted}
-    PREFETCH = 7  # {ns, keys} -> OK {promoted}
+    PREFETCH = 7  # {ns, keys} -> OK {promoted, present}
     RELEASE = 8  # {lease} -> OK {released}
     SHM_GET = 9  # {ns, keys, lease?} -> OK {offsets, sizes, pin}
-    SHM_RELEASE = 10  # {pin} -> OK {}
-    SHM_RESERVE = 11  # {ns, keys, sizes} -> OK {offsets, reservation}
-    SHM_COMMIT = 12  # {reservation, checksums, cost} -> OK {stored}
+    SHM_RELEASE = 10  # {pins} -> OK {released}
+    SHM_RESERVE = 11  # {ns, keys, sizes} -> OK {offsets (-1 present, -2 no room), reservation}
+    SHM_COMMIT = 12  # {reservation, checksums, cost?} | {reservation, abort: true} -> OK {stored}
     STATS = 13  # {} -> OK {...}
     PING = 14  # {} -> OK {}
+    LIST = 15  # {ns, limit?} -> OK {keys, truncated}
+    CLEAR = 16  # {ns} -> OK {removed}
+    SHM_WRITTEN = 17  # {reservation, index, upto} -> OK {hashed}: the daemon may hash bytes [0, upto) now
 
     OK = 64
     HELLO_OK = 65
-    ERROR = 96  # {code, message}
+    ERROR = 96  # {code, message, closing}
     BUSY = 97  # {message, retry_after_s}: overloaded, nothing was done
+
+
+REQUEST_TYPES = frozenset(t for t in MsgType if t < MsgType.OK)
 
 
 class ErrorCode(enum.IntEnum):
@@ -72,12 +97,105 @@ class ErrorCode(enum.IntEnum):
     LEASE = 8
     INTERNAL = 9
     CAPACITY = 10
+    CHECKSUM = 11
+    SHUTTING_DOWN = 12
 
 
 class ProtocolError(KVStoreError):
     """A frame that violates the protocol (bad magic, version, sizes or header)."""
 
     code = ErrorCode.BAD_FRAME
+
+
+class PayloadTooLarge(ProtocolError, InvalidInput):
+    """A frame's payload (or a request's in-flight bytes) exceeds what this connection accepts."""
+
+    code = ErrorCode.TOO_LARGE
+
+
+class UnknownMessageType(ProtocolError):
+    """A message type this side does not speak."""
+
+    code = ErrorCode.UNKNOWN_TYPE
+
+
+class Unauthorized(KVStoreError, PermissionError):
+    """No valid HELLO (missing or unknown bearer token) on a daemon that requires one."""
+
+
+class Forbidden(KVStoreError, PermissionError):
+    """The connection's tenant may not do this (e.g. register another tenant's namespace)."""
+
+
+class ServerError(KVStoreError):
+    """The daemon failed in a way the request did not cause (a bug or an outage below it)."""
+
+
+class ShuttingDown(RemoteUnavailable):
+    """The daemon is draining before it stops; retry against its successor."""
+
+
+class RequestTimeout(RemoteUnavailable, TimeoutError):
+    """No reply within the client's timeout."""
+
+
+#: reply error code -> the exception a client raises (see also :func:`error_code`)
+ERROR_CLASSES: dict[ErrorCode, type[KVStoreError]] = {
+    ErrorCode.BAD_FRAME: ProtocolError,
+    ErrorCode.BAD_REQUEST: InvalidInput,
+    ErrorCode.UNAUTHORIZED: Unauthorized,
+    ErrorCode.FORBIDDEN: Forbidden,
+    ErrorCode.UNKNOWN_NAMESPACE: UnknownNamespace,
+    ErrorCode.TOO_LARGE: PayloadTooLarge,
+    ErrorCode.UNKNOWN_TYPE: UnknownMessageType,
+    ErrorCode.LEASE: LeaseError,
+    ErrorCode.INTERNAL: ServerError,
+    ErrorCode.CAPACITY: CapacityError,
+    ErrorCode.CHECKSUM: ChunkCorrupt,
+    ErrorCode.SHUTTING_DOWN: ShuttingDown,
+}
+
+#: most specific first: an exception maps to the code of the first class it is an instance of
+_CODE_ORDER: tuple[tuple[type[BaseException], ErrorCode], ...] = (
+    (PayloadTooLarge, ErrorCode.TOO_LARGE),
+    (ChunkTooLarge, ErrorCode.TOO_LARGE),
+    (UnknownMessageType, ErrorCode.UNKNOWN_TYPE),
+    (ProtocolError, ErrorCode.BAD_FRAME),
+    (Unauthorized, ErrorCode.UNAUTHORIZED),
+    (Forbidden, ErrorCode.FORBIDDEN),
+    (UnknownNamespace, ErrorCode.UNKNOWN_NAMESPACE),
+    (LeaseError, ErrorCode.LEASE),
+    (ChunkCorrupt, ErrorCode.CHECKSUM),
+    (CapacityError, ErrorCode.CAPACITY),
+    (ShuttingDown, ErrorCode.SHUTTING_DOWN),
+    (InvalidInput, ErrorCode.BAD_REQUEST),
+    (UnknownName, ErrorCode.BAD_REQUEST),
+)
+
+
+def error_code(exc: BaseException) -> ErrorCode:
+    """The reply code for an exception a request handler raised (INTERNAL for anything unplanned)."""
+    for cls, code in _CODE_ORDER:
+        if isinstance(exc, cls):
+            return code
+    return ErrorCode.INTERNAL
+
+
+def error_from_reply(code: int, message: str) -> KVStoreError:
+    """The typed exception for an ERROR reply; unknown codes become :class:`ServerError`."""
+    try:
+        cls = ERROR_CLASSES[ErrorCode(code)]
+    except ValueError:
+        return ServerError(f"error code {code}: {message}")
+    return cls(message)
+
+
+class ServerBusy(Busy):
+    """A BUSY reply: the daemon did nothing; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +216,8 @@ def unpack_prefix(raw: bytes | memoryview, max_payload: int) -> Prefix:
     """Decode and bound-check a frame prefix.
 
     Raises:
-        ProtocolError: bad magic or version, or a header/payload over the limits.
+        ProtocolError: bad magic or version, or a header over the limit.
+        PayloadTooLarge: a payload over ``max_payload``.
     """
     if len(raw) != PREFIX_BYTES:
         raise ProtocolError(f"frame prefix is {PREFIX_BYTES} bytes, got {len(raw)}")
@@ -110,7 +229,7 @@ def unpack_prefix(raw: bytes | memoryview, max_payload: int) -> Prefix:
     if header_len > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {header_len} bytes exceeds {MAX_HEADER_BYTES}")
     if payload_len > max_payload:
-        raise ProtocolError(f"payload of {payload_len} bytes exceeds the limit {max_payload}")
+        raise PayloadTooLarge(f"payload of {payload_len} bytes exceeds the limit {max_payload}")
     return Prefix(msg_type, header_len, request_id, payload_len)
 
 
@@ -126,14 +245,21 @@ def decode_header(raw: bytes | memoryview) -> dict[str, Any]:
     """
     try:
         header = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, max_buffer_size=MAX_HEADER_BYTES,
-            max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES, max_array_len=1 << 20,
-            max_map_len=1 << 16, max_ext_len=0,
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_HEADER_BYTES,
+            max_bin_len=MAX_HEADER_BYTES,
+            max_array_len=1 << 20,
+            max_map_len=1 << 16,
+            max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header must be a map")
+    if not all(isinstance(k, str) for k in header):
+        raise ProtocolError("header keys must be strings")
     return header
 
 
@@ -144,20 +270,40 @@ def frame(msg_type: int, request_id: int, header: dict[str, Any], payload_len: i
 
 
 # -- typed field access for headers from the network -------------------------------------
-def field_int(h: dict[str, Any], name: str, lo: int = 0, hi: int = 1 << 62, default: int | None = None) -> int:
+def field_int(
+    h: dict[str, Any], name: str, lo: int = 0, hi: int = 1 << 62, default: int | None = None
+) -> int:
     v = h.get(name, default)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise InvalidInput(f"field {name!r} must be an integer in [{lo}, {hi}]")
     return v
 
 
+def field_opt_int(h: dict[str, Any], name: str, lo: int = 0, hi: int = 1 << 62) -> int | None:
+    return None if h.get(name) is None else field_int(h, name, lo, hi)
+
+
 def field_float(h: dict[str, Any], name: str, default: float | None = None) -> float | None:
     v = h.get(name, default)
     if v is None:
         return None
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or v < 0:
-        raise InvalidInput(f"field {name!r} must be a non-negative number")
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+        raise InvalidInput(f"field {name!r} must be a finite non-negative number")
     return float(v)
+
+
+def field_bool(h: dict[str, Any], name: str, default: bool) -> bool:
+    v = h.get(name, default)
+    if not isinstance(v, bool):
+        raise InvalidInput(f"field {name!r} must be a boolean")
+    return v
+
+
+def field_str(h: dict[str, Any], name: str, default: str | None = None, max_len: int = 4096) -> str:
+    v = h.get(name, default)
+    if not isinstance(v, str) or len(v) > max_len:
+        raise InvalidInput(f"field {name!r} must be a string of at most {max_len} characters")
+    return v
 
 
 def field_bytes(h: dict[str, Any], name: str, length: int | None = None) -> bytes:
@@ -168,7 +314,7 @@ def field_bytes(h: dict[str, Any], name: str, length: int | None = None) -> byte
     return v
 
 
-def field_keys(h: dict[str, Any], name: str = "keys", max_items: int = 1 << 16) -> list[bytes]:
+def field_keys(h: dict[str, Any], name: str = "keys", max_items: int = MAX_KEYS) -> list[bytes]:
     v = h.get(name)
     if not isinstance(v, list) or len(v) > max_items:
         raise InvalidInput(f"field {name!r} must be a list of at most {max_items} 32-byte keys")
@@ -178,13 +324,84 @@ def field_keys(h: dict[str, Any], name: str = "keys", max_items: int = 1 << 16) 
     return v
 
 
-def field_sizes(h: dict[str, Any], count: int, payload_len: int) -> list[int]:
+def field_ints(h: dict[str, Any], name: str, count: int | None = None, lo: int = 0) -> list[int]:
+    """A list of integers >= ``lo`` (of exactly ``count`` items when given)."""
+    v = h.get(name)
+    if not isinstance(v, list) or (count is not None and len(v) != count) or len(v) > MAX_KEYS:
+        want = f"{count} integers" if count is not None else f"at most {MAX_KEYS} integers"
+        raise InvalidInput(f"field {name!r} must list {want}")
+    for s in v:
+        if not isinstance(s, int) or isinstance(s, bool) or s < lo or s >= 1 << 62:
+            raise InvalidInput(f"field {name!r} must hold integers >= {lo}")
+    return v
+
+
+def field_checksums(h: dict[str, Any], count: int, name: str = "checksums") -> list[bytes]:
+    v = h.get(name)
+    if not isinstance(v, list) or len(v) != count:
+        raise InvalidInput(f"field {name!r} must list {count} checksums")
+    for c in v:
+        if not isinstance(c, bytes) or len(c) != CHECKSUM_BYTES:
+            raise InvalidInput(f"field {name!r} must hold {CHECKSUM_BYTES}-byte XXH3-128 digests")
+    return v
+
+
+def field_sizes(h: dict[str, Any], count: int, payload_len: int, extra: int = 0) -> list[int]:
+    """``sizes``: ``count`` positive sizes adding up to the payload (less ``extra`` trailing bytes)."""
     v = h.get("sizes")
     if not isinstance(v, list) or len(v) != count:
         raise InvalidInput(f"field 'sizes' must list {count} sizes")
     for s in v:
-        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
-            raise InvalidInput("sizes must be non-negative integers")
-    if sum(v) != payload_len:
-        raise InvalidInput(f"sizes add up to {sum(v)} but the payload is {payload_len} bytes")
+        if not isinstance(s, int) or isinstance(s, bool) or s < 1 or s >= 1 << 62:
+            raise InvalidInput("sizes must be positive integers")
+    if sum(v) + extra != payload_len:
+        raise InvalidInput(
+            f"sizes add up to {sum(v)} (+{extra} trailer) but the payload is {payload_len} bytes"
+        )
     return v
+
+
+# -- namespaces on the wire (REGISTER) ----------------------------------------------------
+def namespace_to_wire(ns: Namespace, with_tenant: bool = True) -> dict[str, Any]:
+    """The REGISTER ``spec`` map of a namespace (docs/protocol.md lists every field)."""
+    s = ns.spec
+    wire: dict[str, Any] = {
+        "model": s.model.name, "revision": s.model.revision, "num_layers": s.num_layers,
+        "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim, "dtype": s.dtype, "layout": s.layout,
+        "tp_rank": s.shard.tp_rank, "tp_size": s.shard.tp_size, "pp_rank": s.shard.pp_rank,
+        "pp_size": s.shard.pp_size, "scheme": ns.scheme, "chunk_tokens": ns.chunk_tokens,
+    }  # fmt: skip
+    if with_tenant:
+        wire["tenant"] = ns.tenant
+    return wire
+
+
+def namespace_from_wire(wire: object, tenant: str) -> Namespace:
+    """The namespace a REGISTER ``spec`` map names, for ``tenant``.
+
+    Raises:
+        InvalidInput: a missing or mistyped field, or values KVSpec/Namespace reject.
+    """
+    if not isinstance(wire, dict):
+        raise InvalidInput("field 'spec' must be a map")
+    shard = Shard(
+        *(
+            field_int(wire, f, default=d)
+            for f, d in (("tp_rank", 0), ("tp_size", 1), ("pp_rank", 0), ("pp_size", 1))
+        )
+    )
+    spec = KVSpec(
+        ModelFingerprint(field_str(wire, "model"), field_str(wire, "revision", "")),
+        field_int(wire, "num_layers", 1, 1 << 20),
+        field_int(wire, "num_kv_heads", 1, 1 << 20),
+        field_int(wire, "head_dim", 1, 1 << 20),
+        field_str(wire, "dtype", "bfloat16"),  # type: ignore[arg-type]
+        field_str(wire, "layout", "kv_separate"),  # type: ignore[arg-type]
+        shard,
+    )
+    return Namespace(
+        tenant,
+        spec,
+        field_str(wire, "scheme", "sha256-chain-v1"),
+        field_int(wire, "chunk_tokens", 1, 1 << 20, default=256),
+    )

@@ -142,10 +142,11 @@ class MemoryTier(Tier):
             self.abort(extent)
             raise InvalidInput(f"commit of {meta.nbytes} bytes into a reservation of {extent.size}")
         with self._lock:
-            if key in self._entries:
+            present = self._entries.get(key)
+            if present is not None:
                 self._alloc.free(extent)
                 self._stats.used_bytes -= extent.size
-                return True
+                return present.meta.namespace == meta.namespace  # another namespace's key: refused
             self._entries[key] = _Entry(extent, meta)
             self._evicted_recently.pop(key, None)
             self._policy.admit(key, meta.nbytes, meta.cost, self._clock())
@@ -155,13 +156,14 @@ class MemoryTier(Tier):
             s.entries += 1
         return True
 
-    def locate(self, key: ChunkKey) -> Extent | None:
+    def locate(self, key: ChunkKey, namespace: NamespaceId | None = None) -> Extent | None:
         """Pin a chunk and return where it lies in the arena (offset, and its ``meta.nbytes``).
 
         The caller reads the arena directly (e.g. a client mapping it) and
-        gives the pin back with :meth:`unpin`. None (a counted miss) if absent.
+        gives the pin back with :meth:`unpin`. None (a counted miss) if absent,
+        or with ``namespace`` if it is another namespace's chunk.
         """
-        entry = self._acquire(key)
+        entry = self._acquire(key, namespace)
         if entry is None:
             return None
         with self._lock:

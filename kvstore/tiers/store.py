@@ -23,6 +23,7 @@ from kvstore.events import EventSink, StoreEvent
 from kvstore.index.chunk_cache import ChunkCacheEntry, ChunkCacheIndex
 from kvstore.index.prefix import MAX_TIERS, PrefixIndex, tiers_of
 from kvstore.keys import ChunkKey, Namespace, NamespaceId, TokenInput, as_token_array, content_key, iter_prefix_keys
+from kvstore.tiers.arena import Extent
 from kvstore.tiers.base import ChunkMeta, Tier
 from kvstore.tiers.leases import LeaseId, LeaseTable
 from kvstore.tiers.memory import MemoryTier
@@ -198,11 +199,30 @@ class TieredStore:
                 return False
             if not self.top.put(key, data, meta):
                 return False
-        stored_meta = self.top.meta(key) or meta
-        self._stored(key, stored_meta, 0)
-        if self.config.write_mode == "write_through" and len(self.tiers) > 1:
-            self._writer.submit(WriteJob(key, stored_meta, list(range(1, len(self.tiers))), source=self.top))
+        self._admitted(key, self.top.meta(key) or meta)
         return True
+
+    def commit_reserved(self, ns: Namespace, key: ChunkKey, extent: Extent, meta: ChunkMeta) -> bool:
+        """Make a filled top-tier reservation (``top.reserve``) visible, as :meth:`put` does.
+
+        For callers that fill the arena themselves (the data plane receives
+        payloads straight into it). ``meta`` carries the verified checksum.
+        Returns False if the key is held by another namespace (the extent is
+        given back either way when not used).
+        """
+        self._check(ns)
+        if meta.namespace != ns.id:
+            raise InvalidInput("meta names another namespace")
+        if not self.top.commit(key, extent, meta):
+            return False
+        self._admitted(key, self.top.meta(key) or meta)
+        return True
+
+    def _admitted(self, key: ChunkKey, meta: ChunkMeta) -> None:
+        """A chunk entered the top tier: index it, announce it, queue its write-through."""
+        self._stored(key, meta, 0)
+        if self.config.write_mode == "write_through" and len(self.tiers) > 1:
+            self._writer.submit(WriteJob(key, meta, list(range(1, len(self.tiers))), source=self.top))
 
     def set_codec(self, ns: Namespace, tier: str, codec: str, params: CodecParams | None = None) -> None:
         """Choose the codec ``ns``'s chunks get in an encoded tier (one named in ``StoreConfig.codecs``).

@@ -1,118 +1,91 @@
-"""`kvstore serve` as a real process: it starts, stores, serves, and keeps the disk tier across restarts."""
+"""`kvstore serve` as the README runs it: defaults, environment, config file, and a clean failure."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pytest
+from tests.redis_servers import free_port
+from tests.service.daemon_fixtures import DaemonProc, call
 
-from kvstore.keys import Namespace, prefix_keys
-from kvstore.spec import KVSpec, ModelFingerprint
-
-SPEC = {"tenant": "t1", "model": "m", "num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "float16",
-        "chunk_tokens": 16}
-NS = Namespace("t1", KVSpec(ModelFingerprint("m"), 2, 2, 8, "float16"), chunk_tokens=16)
+SERVE = [sys.executable, "-m", "kvstore.cli", "serve"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def call(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-class Daemon:
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstore.cli", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-             "--cpu-bytes", "16MiB", "--disk-bytes", "64MiB"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def test_readme_command_with_settings_from_the_environment(tmp_path: Path) -> None:
+    admin, port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "KVSTORE_ADMIN_PORT": str(admin),
+        "KVSTORE_PORT": str(port),
+        "KVSTORE_CPU_BYTES": "16MiB",
+        "KVSTORE_DISK_BYTES": "64MiB",
+        "KVSTORE_LOG_LEVEL": "warning",
+    }
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen(
+            [*SERVE, "--data-dir", "./kvstore-data"], cwd=tmp_path, env=env, stdout=log, stderr=log
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "log").read_text()
             try:
-                if call(self.url + "/healthz")[0] == 200:
-                    return
+                if call(admin, "GET", "/readyz", timeout=2).status == 200:
+                    break
             except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("daemon did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path / "data")
-    yield d
-    d.stop()
-
-
-def test_serve_stores_serves_and_survives_restart(tmp_path: Path) -> None:
-    d = Daemon(tmp_path / "data")
-    try:
-        status, body = call(d.url + "/v1/namespaces", "POST", json.dumps(SPEC).encode())
-        assert status == 200 and json.loads(body)["namespace"] == NS.id.hex()
-        toks = list(range(40))
-        keys = prefix_keys(NS, toks)
-        chunks = [np.random.default_rng(i).integers(0, 256, NS.chunk_nbytes, dtype=np.uint8) for i in range(2)]
-        for key, chunk in zip(keys, chunks):
-            status, _ = call(f"{d.url}/v1/chunks/{NS.id.hex()}/{key.hex()}", "PUT", chunk.tobytes())
-            assert status == 201
-        status, body = call(f"{d.url}/v1/lookup/{NS.id.hex()}", "POST", json.dumps({"tokens": toks}).encode())
-        assert status == 200 and json.loads(body)["hit_tokens"] == 32
-        status, body = call(f"{d.url}/v1/chunks/{NS.id.hex()}/{keys[1].hex()}")
-        assert status == 200 and body == chunks[1].tobytes()
+                pass
+            assert time.monotonic() < deadline, "the daemon did not become ready"
+            time.sleep(0.05)
+        config = call(admin, "GET", "/v1/config").json()
+        assert config["tiers"]["cpu_bytes"] == 16 << 20 and config["tiers"]["data_dir"] == "./kvstore-data"
+        assert config["admin"]["port"] == admin and config["data_plane"]["port"] == port
+        stats = call(admin, "GET", "/v1/stats").json()
+        assert [t["name"] for t in stats["tiers"]] == ["cpu", "disk"]
+        assert (tmp_path / "kvstore-data").is_dir()
+        # without tokens only loopback Host names are served (a page rebinding its name to 127.0.0.1 is refused)
+        assert call(admin, "GET", "/v1/stats", headers={"Host": f"evil.example:{admin}"}).status == 403
+        assert call(admin, "GET", "/v1/stats", headers={"Host": f"localhost:{admin}"}).status == 200
     finally:
-        d.stop()  # SIGTERM: the store flushes its background writes to disk
-    d = Daemon(tmp_path / "data")
-    try:
-        call(d.url + "/v1/namespaces", "POST", json.dumps(SPEC).encode())
-        status, body = call(f"{d.url}/v1/chunks/{NS.id.hex()}/{keys[0].hex()}")
-        assert status == 200 and body == chunks[0].tobytes()  # served from the disk tier after restart
-    finally:
-        d.stop()
+        proc.terminate()
+        assert proc.wait(30) == 0
+    log_lines = (tmp_path / "log").read_text().splitlines()
+    assert all(json.loads(line)["level"] in ("warning", "error") for line in log_lines)  # level from the env
 
 
-def test_bad_requests_get_clear_errors(daemon: Daemon) -> None:
-    status, body = call(f"{daemon.url}/v1/chunks/{'ab' * 32}/{'cd' * 32}")
-    assert status == 404 and b"unknown namespace" in body
-    status, body = call(daemon.url + "/v1/namespaces", "POST", b"{not json")
-    assert status == 400
-    status, body = call(daemon.url + "/v1/namespaces", "POST", json.dumps({**SPEC, "dtype": "float13"}).encode())
-    assert status == 400 and b"dtype" in body
-    call(daemon.url + "/v1/namespaces", "POST", json.dumps(SPEC).encode())
-    status, body = call(f"{daemon.url}/v1/chunks/{NS.id.hex()}/zz", "PUT", b"x")
-    assert status == 400 and b"hex" in body
-    status, body = call(f"{daemon.url}/v1/chunks/{NS.id.hex()}/{'00' * 32}")
-    assert status == 404
-    assert call(daemon.url + "/healthz")[0] == 200  # still serving
-
-
-def test_non_loopback_bind_refused(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "kvstore.cli", "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
+def test_print_config_reads_the_file_and_redacts(tmp_path: Path) -> None:
+    cfg = tmp_path / "kvstore.toml"
+    cfg.write_text(
+        '[tiers]\ncpu_bytes = "2GiB"\nredis_url = "redis://:s3cret@10.0.0.5:6379/0"\n[admin]\nport = 9100\n'
     )
-    assert out.returncode == 2 and "loopback" in out.stderr
+    out = subprocess.run(
+        [*SERVE, "--config", str(cfg), "--print-config", "--admin-port", "9200"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    config = json.loads(out.stdout)
+    assert config["tiers"]["cpu_bytes"] == 2 << 30 and config["admin"]["port"] == 9200
+    assert "s3cret" not in out.stdout and "***" in config["tiers"]["redis_url"]
+    cfg.write_text("[tiers]\ncpu_bites = 1\n")
+    out = subprocess.run(
+        [*SERVE, "--config", str(cfg)], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "tiers.cpu_bites" in out.stderr
+
+
+def test_a_busy_port_fails_cleanly_closing_what_was_opened(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        d = DaemonProc(tmp_path, args=["--admin-port", str(busy.getsockname()[1])])
+        out = subprocess.run(d.argv, check=False, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 1 and "error" in out.stderr
+    msgs = [json.loads(line)["msg"] for line in out.stderr.splitlines() if line.startswith("{")]
+    assert msgs.index("store open") < msgs.index("store closed") < msgs.index("failed")

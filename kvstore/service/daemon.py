@@ -1,0 +1,261 @@
+"""The daemon process: store, data plane and admin API in one asyncio program.
+
+Lifecycle (aiohttp cleanup contexts, opened in this order, closed in reverse):
+
+1. the tiered store (CPU + LMDB disk + optional Redis);
+2. metrics: a per-daemon Prometheus registry reading the store;
+3. the binary data plane (kvstore.service.dataplane), given the store and
+   the metrics' request observer;
+4. the history sampler behind the status page.
+
+The admin API's listener opens after all of them. SIGTERM or SIGINT starts a
+graceful stop: the admin listener closes and in-flight admin requests finish,
+the data plane drains in-flight requests (``drain_timeout_s``), background
+writes to lower tiers are flushed, and the store closes. Logs are JSON, one
+object per line on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+
+from kvstore.builder import build_store
+from kvstore.errors import KVStoreError
+from kvstore.service.admin import make_admin_app
+from kvstore.service.admin_history import StatsHistory, sample_forever
+from kvstore.service.admin_metrics import DaemonMetrics
+from kvstore.service.admin_state import (
+    CONFIG,
+    HISTORY,
+    METRICS,
+    STATE,
+    STORE,
+    DaemonState,
+    DataPlane,
+    snapshot,
+)
+from kvstore.service.config import DaemonConfig, LoggingConfig
+
+log = logging.getLogger("kvstore.daemon")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, msg, the record's ``fields``, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(config: LoggingConfig) -> None:
+    """Route every logger through one stderr handler with the JSON formatter."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.level.upper())
+
+
+def event(msg: str, level: int = logging.INFO, **fields: object) -> None:
+    log.log(level, msg, extra={"fields": fields})
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One structured line per admin request (never the Authorization header)."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.logger.info(
+            "request",
+            extra={
+                "fields": {
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status,
+                    "seconds": round(time, 6),
+                    "remote": request.remote,
+                }
+            },
+        )
+
+
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the store; on the way out flush background writes, then close it."""
+    config = app[CONFIG]
+    dp = config.data_plane
+    shm = config.tiers.shared_memory or (dp.enabled and dp.shm and dp.unix_path is not None)
+    tiers = dataclasses.replace(config.tiers, shared_memory=shm)  # the shm path maps the CPU arena
+    store = await asyncio.to_thread(build_store, tiers, config.store)
+    app[STORE] = store
+    app[STATE].store_open = True
+    event("store open", tiers=[t.name for t in store.tiers], data_dir=config.tiers.data_dir)
+    yield
+    app[STATE].store_open = False
+    started = time.monotonic()
+    await asyncio.to_thread(store.flush)
+    await asyncio.to_thread(store.close)
+    event("store closed", flush_s=round(time.monotonic() - started, 3))
+
+
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """A per-daemon registry whose collector reads the store at every scrape."""
+    metrics = DaemonMetrics()
+    metrics.watch(lambda: snapshot(app))
+    app[METRICS] = metrics
+    yield
+
+
+def _make_dataplane(app: web.Application) -> DataPlane:
+    """The data-plane server for this app's store and config (imported only when enabled)."""
+    from kvstore.service.dataplane import DataPlaneConfig, make_dataplane
+
+    config = app[CONFIG]
+    dp = config.data_plane
+    settings = DataPlaneConfig(
+        host=dp.host,
+        port=dp.port,
+        unix_path=dp.unix_path,
+        tokens=config.auth.data_plane_tokens(),
+        max_payload_bytes=dp.max_payload_bytes,
+        max_inflight_bytes=dp.max_inflight_bytes,
+        shm=dp.shm,
+    )
+    return make_dataplane(app[STORE], settings, metrics=app[METRICS].requests)
+
+
+async def dataplane_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Start the data plane; on the way out drain its in-flight requests, then close it."""
+    config = app[CONFIG].data_plane
+    if not config.enabled:
+        yield
+        return
+    server = _make_dataplane(app)
+    await server.start()
+    app[STATE].data_plane = server
+    event("data plane listening", host=config.host, port=server.port, unix_path=server.unix_path)
+    yield
+    app[STATE].data_plane = None
+    started = time.monotonic()
+    await server.close(drain_timeout_s=config.drain_timeout_s)
+    event("data plane closed", drain_s=round(time.monotonic() - started, 3))
+
+
+async def history_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Sample the counters into the status page's ring buffer until shutdown."""
+    admin = app[CONFIG].admin
+    app[HISTORY] = history = StatsHistory(admin.history_interval_s, admin.history_samples)
+    task = asyncio.create_task(sample_forever(history, lambda: snapshot(app)))
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def build_app(config: DaemonConfig) -> web.Application:
+    """The daemon's aiohttp application: admin routes plus the resources' cleanup contexts."""
+    app = make_admin_app(config)
+    app[STATE] = DaemonState()
+    app.cleanup_ctx.extend([store_ctx, metrics_ctx, dataplane_ctx, history_ctx])
+    return app
+
+
+async def serve(config: DaemonConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set (by SIGTERM/SIGINT when not given), then stop gracefully.
+
+    Raises:
+        OSError: a listener could not bind; KVStoreError, ValueError: a component refused its config.
+    """
+    stop = stop or _stop_on_signals()
+    app = build_app(config)
+    access = logging.getLogger("kvstore.access") if config.logging.access_log else None
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=config.admin.shutdown_timeout_s,
+        access_log_class=JsonAccessLogger,
+        access_log=access,
+    )
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, config.admin.host, config.admin.port)
+        await site.start()
+        event("admin listening", host=config.admin.host, port=_bound_port(runner), pid=os.getpid())
+        event("ready")
+        await stop.wait()
+        await _drain_admin(app, site, config.admin.shutdown_timeout_s)
+    finally:
+        await runner.cleanup()  # closes idle connections, then the cleanup contexts in reverse
+    event("stopped")
+
+
+async def _drain_admin(app: web.Application, site: web.TCPSite, timeout_s: float) -> None:
+    """Stop accepting connections, then let in-flight admin requests finish (bodies included)."""
+    state = app[STATE]
+    state.draining = True
+    event("stopping: draining in-flight requests", admin_inflight=state.inflight.count)
+    await site.stop()
+    if not await state.inflight.wait_idle(timeout_s):
+        event(
+            "admin requests still running after the drain timeout",
+            logging.WARNING,
+            admin_inflight=state.inflight.count,
+        )
+
+
+def _bound_port(runner: web.AppRunner) -> int | None:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    return None
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        event("signal received", signal=sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return stop
+
+
+def run(config: DaemonConfig) -> int:
+    """``kvstore serve``: configure logs, run the daemon, return the exit code.
+
+    0 after a graceful stop; 1 when a resource cannot be opened (a port in use, an
+    unopenable directory); 2 when a component refuses its configuration.
+    """
+    configure_logging(config.logging)
+    event("starting", config=config.redacted())
+    try:
+        asyncio.run(serve(config))
+    except (OSError, RuntimeError, KVStoreError, ValueError) as e:
+        event("failed", logging.ERROR, error=str(e), kind=type(e).__name__)
+        print(f"kvstore: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    return 0
