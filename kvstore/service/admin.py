@@ -21,7 +21,8 @@ from kvstore.service.admin_openapi import openapi_document
 from kvstore.service.admin_scope import Caller, set_caller
 from kvstore.service.admin_state import CONFIG, METRICS, STATE
 from kvstore.service.admin_status import STATUS_PAGE
-from kvstore.service.config import ALL_TENANTS, DaemonConfig, is_loopback
+from kvstore.service.config import ALL_TENANTS, DaemonConfig
+from kvstore.service.net import is_loopback
 
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json"})
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="kvstore"'}

@@ -11,7 +11,6 @@ config file, ``KVSTORE_*`` variables and flags into this object lives in
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from kvstore.builder import TiersConfig
 from kvstore.errors import InvalidInput
+from kvstore.service.net import is_loopback
 from kvstore.tiers.store_types import StoreConfig
 
 DEFAULT_DATA_DIR = "./kvstore-data"
@@ -32,16 +32,6 @@ _TENANT = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._@-]{0,127})$")
 
 class InsecureBind(InvalidInput):
     """A listener would bind a non-loopback address while no auth token is configured."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals; any other name counts as remote."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _port(name: str, port: int) -> None:

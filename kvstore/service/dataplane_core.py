@@ -10,7 +10,6 @@ book and a small thread pool for operations that may block on a lower tier.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,18 +22,10 @@ from kvstore.service.dataplane_sender import OnSent
 from kvstore.service.dataplane_session import LeaseBook, Session
 from kvstore.service.dataplane_stats import DataPlaneObserver, StatsRecorder
 from kvstore.service.dataplane_store import StoreAccess
+from kvstore.service.net import is_loopback
 from kvstore.service.protocol import MsgType
 
 T = TypeVar("T")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True, slots=True)
