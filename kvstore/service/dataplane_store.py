@@ -97,8 +97,7 @@ class StoreAccess:
         return region
 
     def checksum_of(self, key: ChunkKey) -> bytes:
-        meta = self.top.meta(key)
-        return meta.checksum if meta is not None else b""
+        return self.top.checksum(key)
 
     def lower_size(self, ns: Namespace, key: ChunkKey) -> int | None:
         """Bytes to hold ``key``'s chunk (stored under ``ns`` in any tier) once read, or None. Blocking.

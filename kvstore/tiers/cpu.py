@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 
 from kvstore.buffers import U8
-from kvstore.checksum import copy_with_checksum
+from kvstore.checksum import checksum, copy_with_checksum
 from kvstore.errors import InvalidInput
 from kvstore.keys import ChunkKey
 from kvstore.tiers.arena import Extent
@@ -35,6 +35,10 @@ class CPUTierConfig:
         prefault: touch every page of the arena at start, so the first puts
             do not pay page faults (startup cost: about one memset of the arena).
         max_chunk_bytes: the largest chunk accepted (default: the budget).
+        checksum: ``lazy`` (default) copies a put at memcpy speed and computes
+            its XXH3-128 the first time it is needed (write-through to a lower
+            tier, a read by another process), once; ``on_put`` hashes while
+            copying in (about 0.9x of a plain copy on current CPUs).
         shared_memory: put the arena in a file under ``/dev/shm`` (mode 0600)
             that same-user client processes map, so a local get or put costs
             one copy (kvstore.service's shared-memory path). Removed on close.
@@ -48,8 +52,11 @@ class CPUTierConfig:
     prefault: bool = True
     max_chunk_bytes: int | None = None
     shared_memory: bool = False
+    checksum: Literal["lazy", "on_put"] = "lazy"
 
     def __post_init__(self) -> None:
+        if self.checksum not in ("lazy", "on_put"):
+            raise InvalidInput(f"checksum must be lazy or on_put, got {self.checksum!r}")
         if self.capacity_bytes <= 0:
             raise InvalidInput("capacity_bytes must be > 0")
         if self.policy not in policy_names():
@@ -96,7 +103,7 @@ def _host_arena(nbytes: int, pin_memory: str) -> tuple[U8, bool]:
 
 
 class CPUTier(MemoryTier):
-    """Chunks in host memory. Puts checksum the bytes while copying them in."""
+    """Chunks in host memory; checksummed while copied in, or lazily (``CPUTierConfig.checksum``)."""
 
     kind = "cpu"
 
@@ -135,7 +142,14 @@ class CPUTier(MemoryTier):
 
     def _copy_in(self, extent: Extent, data: U8) -> bytes:
         n = data.size
-        return copy_with_checksum(data, self._buf[extent.offset : extent.offset + n])
+        dst = self._buf[extent.offset : extent.offset + n]
+        if self.config.checksum == "on_put":
+            return copy_with_checksum(data, dst)
+        np.copyto(dst, data)
+        return b""
+
+    def _hash(self, extent: Extent, nbytes: int) -> bytes:
+        return checksum(self._buf[extent.offset : extent.offset + nbytes])
 
     def _copy_out(self, extent: Extent, nbytes: int, out: U8) -> None:
         np.copyto(out[:nbytes], self._buf[extent.offset : extent.offset + nbytes])

@@ -77,6 +77,31 @@ class MemoryTier(Tier):
     def _copy_out(self, extent: Extent, nbytes: int, out: U8) -> None:
         """Copy the first ``nbytes`` of the extent into ``out``."""
 
+    def _hash(self, extent: Extent, nbytes: int) -> bytes:
+        """XXH3-128 of an extent's first ``nbytes`` (host tiers override; b"" where not possible)."""
+        return b""
+
+    def checksum(self, key: ChunkKey) -> bytes:
+        """The chunk's checksum, computed now (once, under a pin) if the put left it for later.
+
+        Returns b"" if the chunk is absent or the tier cannot hash it.
+        """
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return b""
+            if entry.meta.checksum:
+                return entry.meta.checksum
+            entry.pins += 1
+        try:
+            digest = self._hash(entry.extent, entry.meta.nbytes)
+        finally:
+            self._release(key, entry)
+        with self._lock:
+            if digest and not entry.meta.checksum:
+                entry.meta = replace(entry.meta, checksum=digest)
+        return digest
+
     def _new_host_buffer(self, nbytes: int) -> U8:
         return np.empty(nbytes, dtype=np.uint8)
 

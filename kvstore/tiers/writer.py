@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvstore.buffers import U8
 from kvstore.keys import ChunkKey
@@ -139,6 +139,8 @@ class BackgroundWriter:
     def _write(self, job: WriteJob) -> None:
         try:
             data = job.data if job.data is not None else (job.source.view(job.key) if job.source else None)
+            if data is not None and job.source is not None and not job.meta.checksum:
+                job.meta = replace(job.meta, checksum=job.source.checksum(job.key))  # a lazy put's checksum
             if data is None:
                 with self._lock:
                     self._stats.dropped += 1

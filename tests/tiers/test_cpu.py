@@ -42,12 +42,28 @@ def tier(cap: int = 64 * 1024, **kw: object) -> CPUTier:
     return CPUTier(CPUTierConfig(capacity_bytes=cap, alignment=4096, **kw))  # type: ignore[arg-type]
 
 
-def test_round_trip_and_checksum_computed_on_put() -> None:
+def test_checksum_on_put_or_lazily_once() -> None:
+    d = data(1)
+    eager = tier(checksum="on_put")
+    assert eager.put(k(1), d, meta())
+    m = eager.meta(k(1))
+    assert m is not None and m.checksum == checksum(d)
+    lazy = tier()
+    assert lazy.put(k(1), d, meta())
+    m = lazy.meta(k(1))
+    assert m is not None and m.checksum == b""  # not computed on the put path
+    assert lazy.checksum(k(1)) == checksum(d) and lazy.pinned_count() == 0
+    m = lazy.meta(k(1))
+    assert m is not None and m.checksum == checksum(d)  # computed once, kept
+    assert lazy.checksum(k(2)) == b""
+
+
+def test_round_trip() -> None:
     t = tier()
     d = data(1)
     assert t.put(k(1), d, meta())
     m = t.meta(k(1))
-    assert m is not None and m.nbytes == d.size and m.checksum == checksum(d)
+    assert m is not None and m.nbytes == d.size
     out = np.zeros(8192, dtype=np.uint8)
     assert t.get_into(k(1), out) == d.size
     assert np.array_equal(out[: d.size], d)
@@ -147,6 +163,7 @@ def test_oversized_and_bad_config() -> None:
         dict(capacity_bytes=10, pin_memory="sometimes"),
         dict(capacity_bytes=10, max_chunk_bytes=20),
         dict(capacity_bytes=10, ttl_s=0.0),
+        dict(capacity_bytes=10, checksum="sometimes"),
     ):
         with pytest.raises(ValueError):
             CPUTierConfig(**bad)  # type: ignore[arg-type]

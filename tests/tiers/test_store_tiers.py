@@ -144,3 +144,16 @@ def test_disk_and_remote_reads_refuse_another_namespace(tmp_path: Path, redis_se
             assert tier.get_into(key, buf, other.id) is None and not buf.any()
             assert tier.get_into(key, buf, NS.id) == CHUNK
         assert st.get(other, key, out()) is None
+
+
+def test_lazy_checksums_reach_lower_tiers(tmp_path: Path, redis_server: RedisServer) -> None:
+    from kvstore.checksum import checksum
+
+    with open_store(tmp_path, redis_server.url) as st:
+        st.put_prefix(NS, toks(1), [chunk(0)])
+        st.flush()
+        key = prefix_keys(NS, toks(1))[0]
+        expected = checksum(chunk(0).view(torch.uint8).reshape(-1).numpy())
+        for tier in st.tiers:
+            meta = tier.meta(key)
+            assert meta is not None and meta.checksum == expected  # the writer hashed it once for all
