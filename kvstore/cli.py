@@ -84,16 +84,27 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], load: b
         sv.set_defaults(bench_run=service_bench.run)
 
 
+def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from kvstore.codecs import inspect as inspect_cmd
+
+    p = sub.add_parser("inspect", help="print a codec container's header, sections and checks")
+    inspect_cmd.add_arguments(p)
+    p.set_defaults(command_run=inspect_cmd.run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvstore", description="KV-cache store for LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
     argv = list(sys.argv[1:] if argv is None else argv)
     _add_serve(sub)
     _add_bench(sub, load=bool(argv) and argv[0] == "bench")
+    _add_inspect(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "inspect":
+            return int(args.command_run(args))
         return int(args.bench_run(args))
     except (KVStoreError, ValueError) as e:
         print(f"kvstore: error: {e}", file=sys.stderr)
