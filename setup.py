@@ -15,6 +15,12 @@ setup(
             libraries=["crypto"],
             extra_compile_args=["-O2"],
             optional=True,
-        )
+        ),
+        Extension(
+            "kvstore._rangecoder",
+            ["kvstore/native/rangecoder.c"],
+            optional=True,
+            extra_compile_args=["-O3"],
+        ),
     ]
 )

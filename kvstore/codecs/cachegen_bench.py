@@ -1,0 +1,201 @@
+"""Measure cachegen on real SmolLM2-135M KV: size ratio, quality and CPU throughput.
+
+``python3 -m kvstore.codecs.cachegen_bench [--prompts 4] [--levels 0,1,2,3] [--json]``
+
+Prompts: Python-docs passages and ShareGPT chats (``kvstore.models.prompts``)
+of ``context + continuation`` tokens; the profile is built from other prompts
+(another seed) than the ones measured. Ratios are against the chunk stored as
+bfloat16; quality (``kvstore.quality``) is against the model's own float32 KV,
+next to the plain bfloat16 round trip as the baseline of the same run.
+Throughput is single-threaded (the C coder never spawns threads), best of a
+few runs, in MB/s of bfloat16 chunk bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvstore.buffers import U8
+from kvstore.codecs.base import ChunkLayout
+from kvstore.codecs.cachegen import CachegenCodec
+from kvstore.codecs.cachegen_params import CachegenParams
+from kvstore.codecs.cachegen_profile import CachegenProfile, build_profile
+from kvstore.models.kv import cache_to_chunk
+from kvstore.models.prompts import chat_token_ids, sample_conversations, sample_passages
+from kvstore.models.smollm2 import LoadedModel, load_smollm2
+from kvstore.quality import KVTransform, QualityHarness, QualityReport
+from kvstore.spec import KVSpec
+
+
+@dataclass(frozen=True, slots=True)
+class LevelResult:
+    """One level's numbers, averaged over the prompts."""
+
+    level: int
+    ratio_2048: float
+    ratio_256: float
+    ratio_256_profile: float
+    kl_mean: float
+    top1: float
+    ppl_delta: float
+    greedy_match: float
+    encode_mbps: float
+    decode_mbps: float
+
+
+def prompt_ids(loaded: LoadedModel, count: int, tokens: int, seed: int) -> list[list[int]]:
+    """``count`` prompts of ``tokens`` tokens: half docs passages, half ShareGPT chats (joined)."""
+    passages = sample_passages(loaded.tokenizer, tokens=tokens, count=count - count // 2, seed=seed)
+    docs = [list(p.token_ids) for p in passages]
+    chats: list[list[int]] = []
+    pool = sample_conversations(200, seed=seed)
+    ids: list[int] = []
+    for conv in pool:
+        ids += chat_token_ids(loaded.tokenizer, conv.turns)
+        if len(ids) >= tokens:
+            chats.append(ids[:tokens])
+            ids = []
+            if len(chats) == count // 2:
+                break
+    return docs + chats
+
+
+def prefill_kv(loaded: LoadedModel, ids: Sequence[int]) -> torch.Tensor:
+    """The float32 chunk-layout KV of ``ids``."""
+    with torch.inference_mode():
+        out = loaded.model(input_ids=torch.tensor([list(ids)]), use_cache=True, logits_to_keep=1)
+    return cache_to_chunk(out.past_key_values, dtype=torch.float32)
+
+
+def to_chunks(kv: torch.Tensor, chunk_tokens: int) -> list[U8]:
+    """bfloat16 chunk bytes of a ``[layers, 2, tokens, heads, dim]`` KV, ``chunk_tokens`` at a time."""
+    bf = kv.to(torch.bfloat16)
+    return [
+        bf[:, :, t : t + chunk_tokens].contiguous().view(torch.uint8).numpy().reshape(-1)
+        for t in range(0, kv.shape[2], chunk_tokens)
+    ]
+
+
+def roundtrip(codec: CachegenCodec, spec: KVSpec, chunk_tokens: int) -> KVTransform:
+    """A KV transform: bfloat16, encode and decode ``chunk_tokens`` at a time, back to float32."""
+
+    def transform(kv: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for raw in to_chunks(kv, chunk_tokens):
+            layout = ChunkLayout(spec, raw.size // spec.bytes_per_token)
+            out = np.empty(layout.nbytes, np.uint8)
+            codec.decode_into(codec.encode(raw, layout), out)
+            parts.append(torch.from_numpy(out).view(torch.bfloat16).reshape(layout.shape).float())
+        return torch.cat(parts, dim=2)
+
+    return transform
+
+
+def ratio(codec: CachegenCodec, kvs: Sequence[torch.Tensor], spec: KVSpec, chunk_tokens: int) -> float:
+    raw_bytes = coded = 0
+    for kv in kvs:
+        for raw in to_chunks(kv, chunk_tokens):
+            raw_bytes += raw.size
+            coded += len(codec.encode(raw, ChunkLayout(spec, raw.size // spec.bytes_per_token)))
+    return raw_bytes / coded
+
+
+def throughput(codec: CachegenCodec, raw: U8, layout: ChunkLayout, repeat: int = 5) -> tuple[float, float]:
+    """(encode, decode) MB/s of chunk bytes, best of ``repeat``, one thread."""
+    enc = dec = float("inf")
+    out = np.empty(layout.nbytes, np.uint8)
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        blob = codec.encode(raw, layout)
+        t1 = time.perf_counter()
+        codec.decode_into(blob, out)
+        t2 = time.perf_counter()
+        enc, dec = min(enc, t1 - t0), min(dec, t2 - t1)
+    return layout.nbytes / enc / 1e6, layout.nbytes / dec / 1e6
+
+
+def make_profile(kvs: Sequence[torch.Tensor], spec: KVSpec, level: int) -> CachegenProfile:
+    params = CachegenParams(level=level)
+    chunks = [raw for kv in kvs for raw in to_chunks(kv, 256)]
+    samples = [(raw, ChunkLayout(spec, raw.size // spec.bytes_per_token)) for raw in chunks]
+    return build_profile(samples, params)
+
+
+def mean_report(reports: Sequence[QualityReport]) -> dict[str, float]:
+    return {
+        "kl_mean": float(np.mean([r.kl_mean for r in reports])),
+        "top1": float(np.mean([r.top1_agreement for r in reports])),
+        "ppl_delta": float(np.mean([r.ppl_delta for r in reports])),
+        "greedy_match": float(np.mean([r.greedy_match for r in reports])),
+    }
+
+
+def measure_level(
+    level: int, harnesses: Sequence[QualityHarness], calib: Sequence[torch.Tensor], spec: KVSpec
+) -> LevelResult:
+    codec = CachegenCodec({"level": level})
+    profile = make_profile(calib, spec, level)
+    with_profile = CachegenCodec({"level": level, "profile": profile.digest}, profiles=[profile])
+    kvs = [h.reference_kv for h in harnesses]
+    q = mean_report([h.evaluate(roundtrip(codec, spec, 2048)) for h in harnesses])
+    raw = to_chunks(kvs[0], 2048)[0]
+    enc, dec = throughput(codec, raw, ChunkLayout(spec, raw.size // spec.bytes_per_token))
+    return LevelResult(
+        level,
+        ratio(codec, kvs, spec, 2048),
+        ratio(codec, kvs, spec, 256),
+        ratio(with_profile, kvs, spec, 256),
+        q["kl_mean"],
+        q["top1"],
+        q["ppl_delta"],
+        q["greedy_match"],
+        enc,
+        dec,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--levels", default="0,1,2,3")
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--continuation", type=int, default=256)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    loaded = load_smollm2("bfloat16", num_threads=2)
+    spec = loaded.spec_for("bfloat16")
+    total = args.context + args.continuation
+    harnesses = [
+        QualityHarness(loaded, ids[: args.context], ids[args.context :])
+        for ids in prompt_ids(loaded, args.prompts, total, seed=1)
+    ]
+    calib = [prefill_kv(loaded, ids) for ids in prompt_ids(loaded, 4, args.context, seed=2)]
+    base = mean_report([h.evaluate(lambda kv: kv.to(torch.bfloat16).float()) for h in harnesses])
+    results = [measure_level(int(lv), harnesses, calib, spec) for lv in args.levels.split(",")]
+    if args.json:
+        print(json.dumps({"bf16": base, "levels": [_asdict(r) for r in results]}))
+        return 0
+    print(f"bf16 baseline: {base}")
+    for r in results:
+        print(
+            f"level {r.level}: x{r.ratio_2048:.2f} @2048, x{r.ratio_256:.2f} @256, "
+            f"x{r.ratio_256_profile:.2f} @256+profile; KL {r.kl_mean:.4f} top-1 {r.top1:.3f} "
+            f"dppl {r.ppl_delta:+.3f} greedy {r.greedy_match:.1f}; "
+            f"enc {r.encode_mbps:.0f} MB/s dec {r.decode_mbps:.0f} MB/s"
+        )
+    return 0
+
+
+def _asdict(r: LevelResult) -> dict[str, float]:
+    return {k: float(getattr(r, k)) for k in LevelResult.__slots__}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,345 @@
+"""cachegen on a GPU: the kernels of ``kernels/cachegen.cu`` through CuPy, byte-identical to the CPU.
+
+:class:`GpuCoder` runs the whole codec on the device -- statistics, steps,
+quantization, tables, one thread per stream to range-code, a gather into one
+buffer -- and writes the same container bytes as :class:`CachegenCodec` on the
+CPU; decoding runs one thread per stream straight into a device buffer. Host
+work is limited to prefix sums of per-channel and per-stream sizes and, when
+decoding, the checks of ``cachegen_checks.py`` (before any kernel trusts an
+offset). CuPy is an optional dependency (``pip install kvstore[gpu]``),
+imported only when a :class:`CupyBackend` is made.
+
+Kernels are plain grid-stride loops, so a backend only has to allocate arrays,
+copy them and call a kernel by name over N work items: :class:`CupyBackend`
+on a GPU, or a CPU emulation of the same source (tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import numpy as np
+
+from kvstore.buffers import U8
+from kvstore.codecs.base import ChunkLayout
+from kvstore.codecs.cachegen import CachegenCodec
+from kvstore.codecs.cachegen_checks import check_qparams, stream_ends, table_offsets
+from kvstore.codecs.cachegen_coder import SECTION_NAMES, ProfileTables, open_sections, pack_sections
+from kvstore.codecs.cachegen_params import (
+    CONTAINER_KEYS,
+    DTYPE_CODES,
+    F64,
+    CachegenParams,
+    Geometry,
+    slab_bins,
+)
+from kvstore.codecs.container import Container, SectionData, output_bytes, pack, unpack_for
+from kvstore.errors import CodecError, InvalidInput
+
+#: a device array: numpy.ndarray for the CPU emulation, cupy.ndarray on a GPU
+Array = Any
+#: (have a profile, its lo, n, freq, freq offsets) as kernel arguments
+ProfileArrays = tuple[int, Array, Array, Array, Array]
+#: (cum, bucket, lo, n) of the tables in force, per table
+Cum = tuple[Array, Array, Array, Array]
+
+KERNEL_SOURCE: Final = Path(__file__).with_name("kernels") / "cachegen.cu"
+#: argument kinds of each kernel: p pointer (an array), i int32, q int64
+SIGNATURES: Final[dict[str, str]] = {
+    "cg_stats": "piqqqqppppp",
+    "cg_params": "pppppqqqqpp",
+    "cg_quantize": "piqqqqpp",
+    "cg_tables": "pqqqipppppp",
+    "cg_compact_freq": "pppqp",
+    "cg_build_cum": "ppppippppqpppp",
+    "cg_encode": "pqqqqppppppp",
+    "cg_gather": "ppppqp",
+    "cg_decode": "ppqqqqqppppipipp",
+}
+_ERRORS: Final = {1: "KV holds NaN or infinite values", 2: "KV values too large for cachegen steps"}
+
+
+class KernelBackend(Protocol):
+    """Arrays and kernel launches: what :class:`GpuCoder` needs from a device."""
+
+    def upload(self, host: np.ndarray) -> Array: ...
+
+    def empty(self, size: int, dtype: type[np.generic]) -> Array: ...
+
+    def download(self, array: Array) -> np.ndarray: ...
+
+    def launch(self, kernel: str, items: int, *args: Array | int) -> None: ...
+
+
+class CupyBackend:
+    """The kernels compiled by NVRTC (``--fmad=false``) on the current CUDA device.
+
+    Raises (at construction):
+        CodecError: CuPy is not installed or no CUDA device is usable.
+    """
+
+    THREADS: Final = 128
+
+    def __init__(self) -> None:
+        try:
+            import cupy
+
+            cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # noqa: BLE001  # ImportError, CUDARuntimeError, driver errors...
+            raise CodecError(f"cachegen on a GPU needs CuPy and a CUDA device: {exc}") from None
+        self.cp = cupy
+        self.module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("--fmad=false", "-std=c++17"))
+
+    def upload(self, host: np.ndarray) -> Array:
+        return self.cp.asarray(np.ascontiguousarray(host))
+
+    def empty(self, size: int, dtype: type[np.generic]) -> Array:
+        return self.cp.empty(max(size, 1), dtype=dtype)
+
+    def download(self, array: Array) -> np.ndarray:
+        return np.asarray(self.cp.asnumpy(array))
+
+    def launch(self, kernel: str, items: int, *args: Array | int) -> None:
+        if items <= 0:
+            return
+        typed = [
+            np.int32(a) if k == "i" else np.int64(a) if k == "q" else a
+            for k, a in zip(SIGNATURES[kernel], args, strict=True)
+        ]
+        blocks = min(-(-items // self.THREADS), 65535)
+        self.module.get_function(kernel)((blocks,), (self.THREADS,), tuple(typed))
+
+
+def _exclusive(sizes: np.ndarray) -> np.ndarray:
+    out = np.zeros(sizes.size, np.uint64)
+    np.cumsum(sizes[:-1], out=out[1:])
+    return out
+
+
+class GpuCoder:
+    """Encodes and decodes cachegen containers with the CUDA kernels; same bytes as the CPU.
+
+    Invariants: for every chunk and params, :meth:`encode` returns exactly
+    ``codec.encode``'s bytes, and :meth:`decode_into` writes exactly what
+    ``codec.decode_into`` writes (tests/codecs/test_cachegen_gpu.py).
+    """
+
+    def __init__(self, codec: CachegenCodec, backend: KernelBackend | None = None) -> None:
+        """Args: ``codec`` gives the params and profiles; ``backend`` defaults to :class:`CupyBackend`."""
+        self.codec = codec
+        self.b: KernelBackend = backend if backend is not None else CupyBackend()
+
+    def _profile(
+        self, digest: str, g: Geometry, p: CachegenParams | None, error: type[Exception]
+    ) -> ProfileTables:
+        if not digest:
+            return None
+        profile = self.codec.profiles.get(digest, error)
+        profile.check_fits(g, p, error)
+        return profile.lo, profile.n, profile.freq
+
+    def _profile_arrays(self, profile: ProfileTables, count: int) -> ProfileArrays:
+        """(have, lo, n, freq, freq offsets) of a profile on the device (1-byte dummies without one)."""
+        if profile is None:
+            dummy = self.b.upload(np.zeros(1, np.uint8))
+            return (
+                0,
+                dummy,
+                dummy,
+                self.b.upload(np.zeros(1, np.uint16)),
+                self.b.upload(np.zeros(1, np.uint64)),
+            )
+        offs = table_offsets(profile[0], profile[1], profile[2], count, allow_profile=False)
+        lo, n, freq = (
+            np.frombuffer(profile[0], np.uint8),
+            np.frombuffer(profile[1], np.uint8),
+            np.frombuffer(profile[2], "<u2"),
+        )
+        return 1, self.b.upload(lo), self.b.upload(n), self.b.upload(freq), self.b.upload(offs)
+
+    def encode(self, raw: U8 | Array, layout: ChunkLayout) -> bytes:
+        """The container ``self.codec.encode(raw, layout)`` returns, computed on the device.
+
+        Args:
+            raw: the chunk's bytes, a flat uint8 host or device array of ``layout.nbytes``.
+        Raises:
+            InvalidInput: wrong size or dtype, non-finite values, or a profile that does not fit.
+        """
+        if int(raw.size) != layout.nbytes or layout.spec.dtype not in DTYPE_CODES:
+            raise InvalidInput("cachegen on a GPU needs layout.nbytes bytes of float32/float16/bfloat16 KV")
+        p = self.codec.config
+        g = Geometry.of(layout, p.exact_tokens)
+        profile = self._profile(p.profile, g, p, InvalidInput)
+        src = self.b.upload(raw) if isinstance(raw, np.ndarray) else raw
+        return pack(
+            self.codec.name, p.as_dict(), layout, self._sections(src, g, p.group, slab_bins(g, p), profile)
+        )
+
+    def _check(self, bad: Array, error: type[Exception]) -> None:
+        code = int(self.b.download(bad)[0])
+        if code:
+            raise error(
+                f"cachegen cannot encode this chunk: {_ERRORS.get(code, 'a symbol outside its table')}"
+            )
+
+    def _quantize(self, src: Array, g: Geometry, bins: F64) -> tuple[Array, Array]:
+        """(qparams, symbols) on the device."""
+        b, nch = self.b, g.num_channels
+        sums, sumsq = b.empty(nch, np.float64), b.empty(nch, np.float64)
+        mn, mx, bad = b.empty(nch, np.float32), b.empty(nch, np.float32), b.upload(np.zeros(1, np.int32))
+        geo = (g.slabs, g.tokens, g.channels, g.exact)
+        b.launch("cg_stats", nch, src, g.dtype_code, *geo, sums, sumsq, mn, mx, bad)
+        qparams = b.empty(2 * nch, np.uint16)
+        b.launch("cg_params", g.slabs, sums, sumsq, mn, mx, b.upload(bins), *geo, qparams, bad)
+        self._check(bad, InvalidInput)
+        sym = b.empty(nch * g.tokens_q, np.uint8)
+        b.launch("cg_quantize", nch * g.tokens_q, src, g.dtype_code, *geo, qparams, sym)
+        return qparams, sym
+
+    def _tables(self, sym: Array, g: Geometry, prof: ProfileArrays) -> tuple[list[Array], np.ndarray, Cum]:
+        """([lo, n, freq] on the device, frequencies per table, coding tables)."""
+        b, nch = self.b, g.num_channels
+        lo, n, fcount = b.empty(nch, np.uint8), b.empty(nch, np.uint8), b.empty(nch, np.uint32)
+        scratch = b.empty(nch * 255, np.uint16)
+        shape = (g.slabs, g.tokens_q, g.channels)
+        b.launch("cg_tables", nch, sym, *shape, *prof[:3], lo, n, scratch, fcount)
+        counts = b.download(fcount)[:nch].astype(np.uint64)
+        freq, foff = b.empty(int(counts.sum()), np.uint16), b.upload(_exclusive(counts))
+        b.launch("cg_compact_freq", nch, scratch, fcount, foff, nch, freq)
+        return [lo, n, freq], counts, self._cum([lo, n, freq, foff], prof, nch)
+
+    def _cum(self, tables: list[Array], prof: ProfileArrays, nch: int) -> Cum:
+        """(cum, bucket, lo, n) of the tables in force (inline or the profile's), on the device."""
+        b = self.b
+        cum, bucket = b.empty(nch * 256, np.uint32), b.empty(nch * 256, np.uint8)
+        elo, en = b.empty(nch, np.uint8), b.empty(nch, np.uint8)
+        b.launch("cg_build_cum", nch, *tables, *prof, nch, cum, bucket, elo, en)
+        return cum, bucket, elo, en
+
+    def _streams(self, sym: Array, g: Geometry, group: int, cum: Cum) -> tuple[np.ndarray, bytes]:
+        """(stream ends, stream bytes): one thread per stream into scratch space, then gathered."""
+        b, streams = self.b, g.num_streams(group)
+        per_slab = -(-g.channels // group)
+        widths = np.minimum(group, g.channels - (np.arange(streams) % per_slab) * group).astype(np.uint64)
+        bound = 2 * widths * np.uint64(g.tokens_q) + np.uint64(8)  # 2 bytes a symbol, 4 to flush
+        base = _exclusive(bound)
+        scratch = b.empty(int(bound.sum()), np.uint8)
+        lens, bad, base_d = b.empty(streams, np.uint32), b.upload(np.zeros(1, np.int32)), b.upload(base)
+        shape = (g.slabs, g.tokens_q, g.channels, group)
+        b.launch("cg_encode", streams, sym, *shape, cum[0], cum[2], cum[3], scratch, base_d, lens, bad)
+        self._check(bad, CodecError)
+        sizes = b.download(lens)[:streams].astype(np.uint64)
+        ends = np.cumsum(sizes)
+        if ends[-1] > 0xFFFFFFFF:
+            raise InvalidInput("cachegen streams of one chunk exceed 4 GiB")
+        data = b.empty(int(ends[-1]), np.uint8)
+        b.launch("cg_gather", streams, scratch, base_d, lens, b.upload(_exclusive(sizes)), streams, data)
+        return ends, b.download(data)[: int(ends[-1])].tobytes()
+
+    def _sections(
+        self, src: Array, g: Geometry, group: int, bins: F64, profile: ProfileTables
+    ) -> list[tuple[str, SectionData]]:
+        b = self.b
+        qparams, sym = self._quantize(src, g, bins)
+        (lo, n, freq), counts, cum = self._tables(sym, g, self._profile_arrays(profile, g.num_channels))
+        ends, data = self._streams(sym, g, group, cum)
+        rows = src.reshape(g.slabs, g.tokens, g.channels * g.itemsize)[:, : g.exact]
+        host = [b.download(x).tobytes() for x in (qparams, rows, lo, n)]
+        freq_bytes = b.download(freq)[: int(counts.sum())].tobytes()
+        values = [*host, freq_bytes, ends.astype("<u4").tobytes(), data]
+        return pack_sections(dict(zip(SECTION_NAMES, values)))
+
+    def _container(
+        self, container: bytes | memoryview | U8
+    ) -> tuple[Container, Geometry, int, ProfileTables]:
+        """(container, geometry, group, profile tables) of a container this codec wrote."""
+        c = unpack_for(container, self.codec.name)
+        p = CachegenParams.parse(c.params, CodecError, CONTAINER_KEYS)
+        if c.dtype not in DTYPE_CODES or tuple(s.name for s in c.sections) != SECTION_NAMES:
+            raise CodecError("not a container cachegen writes (dtype or sections)")
+        g = Geometry.of(c.layout, p.exact_tokens)
+        return c, g, p.group, self._profile(p.profile, g, None, CodecError)
+
+    def decode_into(self, container: bytes | memoryview | U8, out: U8 | Array) -> ChunkLayout:
+        """Decode into ``out`` (a flat uint8 host or device array of at least the chunk's bytes).
+
+        Raises:
+            CodecError: malformed, corrupt, not cachegen, or a profile is missing.
+            InvalidInput: ``out`` is too small.
+        """
+        c, g, group, profile = self._container(container)
+        if isinstance(out, np.ndarray):
+            host_out: U8 | None = output_bytes(out, c.layout)
+            device_out = self.b.empty(c.layout.nbytes, np.uint8)
+        else:
+            if int(out.size) < c.layout.nbytes:
+                raise InvalidInput("output is too small for the decoded chunk")
+            host_out, device_out = None, out
+        s = open_sections({name: c.section(name) for name in SECTION_NAMES}, g, group)
+        check_qparams(s["qparams"], g.num_channels)
+        self._run_decoder(
+            s, g, group, profile, self.b.upload(np.frombuffer(s["qparams"], "<u2")), device_out, None
+        )
+        if g.exact:
+            rows = device_out[: c.layout.nbytes].reshape(g.slabs, g.tokens, -1)
+            rows[:, : g.exact] = self.b.upload(
+                np.frombuffer(s["exact"], np.uint8).reshape(g.slabs, g.exact, -1)
+            )
+        if host_out is not None:
+            host_out[:] = self.b.download(device_out)[: c.layout.nbytes]
+        return c.layout
+
+    def decode_symbols(self, container: bytes | memoryview | U8) -> bytes:
+        """The symbols ``[slabs, tokens_q, channels]`` of a container, decoded on the device (for tests).
+
+        Raises:
+            CodecError: as :meth:`decode_into`.
+        """
+        c, g, group, profile = self._container(container)
+        s = open_sections({name: c.section(name) for name in SECTION_NAMES}, g, group)
+        sym = self.b.empty(g.num_channels * g.tokens_q, np.uint8)
+        self._run_decoder(s, g, group, profile, self.b.empty(2, np.uint16), self.b.empty(1, np.uint8), sym)
+        return bytes(self.b.download(sym)[: g.num_channels * g.tokens_q].tobytes())
+
+    def _run_decoder(
+        self,
+        s: Mapping[str, bytes | memoryview],
+        g: Geometry,
+        group: int,
+        profile: ProfileTables,
+        qparams: Array,
+        out: Array,
+        symbols: Array | None,
+    ) -> None:
+        """Check the tables and stream table, then decode every stream into ``out`` (or ``symbols``).
+
+        Raises:
+            CodecError: a bad table, stream table or stream.
+        """
+        b, nch, streams = self.b, g.num_channels, g.num_streams(group)
+        foff = table_offsets(s["tab_lo"], s["tab_n"], s["tab_freq"], nch, allow_profile=profile is not None)
+        ends = stream_ends(s["offsets"], streams, len(s["streams"]))
+        kinds = (("tab_lo", np.uint8), ("tab_n", np.uint8), ("tab_freq", "<u2"))
+        tables = [b.upload(np.frombuffer(s[k], dt)) for k, dt in kinds] + [b.upload(foff)]
+        cum, bucket, elo, _ = self._cum(tables, self._profile_arrays(profile, nch), nch)
+        bad, data = b.empty(streams, np.int32), b.upload(np.frombuffer(s["streams"], np.uint8))
+        geo = (g.slabs, g.tokens, g.channels, g.exact, group)
+        sink = (out, 0, b.empty(1, np.uint8)) if symbols is None else (out, 1, symbols)
+        b.launch(
+            "cg_decode",
+            streams,
+            data,
+            b.upload(ends),
+            *geo,
+            cum,
+            bucket,
+            elo,
+            qparams,
+            g.dtype_code,
+            *sink,
+            bad,
+        )
+        if b.download(bad)[:streams].any():
+            raise CodecError("a cachegen stream is corrupt (bytes left over, missing or inconsistent)")
