@@ -17,7 +17,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import kvstore.codecs  # noqa: F401  (registers every codec)
 from kvstore.builder import TiersConfig
+from kvstore.codecs.base import make_codec
+from kvstore.errors import KVStoreError
 from kvstore.service.config import (
     AdminConfig,
     AuthConfig,
@@ -29,6 +32,7 @@ from kvstore.service.config import (
 from kvstore.sizes import parse_size
 from kvstore.tiers.policies import policy_names
 from kvstore.tiers.store_types import StoreConfig
+from kvstore.tiers.tier_codecs import CodecChoice
 
 Parser = Callable[[object], object]
 Layer = dict[str, dict[str, object]]
@@ -94,6 +98,47 @@ def _policy(v: object) -> object:
     return v
 
 
+def _param(text: str) -> int | float | bool | str:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _codecs(v: object) -> object:
+    """Tier codecs: a table ``{disk = {codec = "lossless"}, redis = {codec = "quant", bits = 8}}``
+    in a file, or ``disk=lossless,redis=quant:bits=8`` in a flag or the environment."""
+    table: dict[str, dict[str, object]] = {}
+    if isinstance(v, str):
+        for item in filter(None, (i.strip() for i in v.split(","))):
+            tier, sep, spec = item.partition("=")
+            codec, *settings = spec.split(":")
+            if not sep or not tier or not codec:
+                raise ValueError(f"expected tier=codec[:key=value...], got {item!r}")
+            table[tier] = {"codec": codec, **{k: _param(x) for k, _, x in (p.partition("=") for p in settings)}}
+    elif isinstance(v, dict):
+        table = {str(k): dict(x) if isinstance(x, dict) else {"codec": x} for k, x in v.items()}
+    else:
+        raise ValueError(f"not a codec table: {v!r}")
+    out: dict[str, CodecChoice] = {}
+    for tier, entry in table.items():
+        params = {k: x for k, x in entry.items() if k != "codec"}
+        name = entry.get("codec")
+        if not isinstance(name, str) or not all(isinstance(x, (int, float, bool, str)) for x in params.values()):
+            raise ValueError(f"tier {tier!r}: a codec name and scalar parameters are needed")
+        try:
+            make_codec(name, params)  # type: ignore[arg-type]  # an unknown codec or bad params fail here
+        except KVStoreError as exc:
+            raise ValueError(f"tier {tier!r}: {exc}") from None
+        out[tier] = CodecChoice(name, params)  # type: ignore[arg-type]
+    return out
+
+
 def _opt_str(v: object) -> object:
     """A string, where the empty string means "none" (TOML has no null)."""
     return _str(v) or None
@@ -142,6 +187,8 @@ OPTIONS: tuple[Option, ...] = (
     _o("tiers", "redis_bytes", "REDIS_BYTES", "--redis-bytes", _size, "budget this daemon may write to Redis"),
     _o("tiers", "write_mode", "WRITE_MODE", "--write-mode", _choice("write_through", "write_back"),
        "write_through or write_back"),
+    _o("tiers", "codecs", "TIER_CODECS", "--tier-codecs", _codecs,
+       "codec per lower tier, e.g. disk=lossless,redis=quant:bits=8"),
     _o("store", "lease_ttl_s", "LEASE_TTL_S", "--lease-ttl-s", _float, "default lease lifetime"),
     _o("store", "max_leases", "MAX_LEASES", None, _int, "bound on live leases"),
     _o("store", "queue_depth", "QUEUE_DEPTH", None, _int, "bound on queued background writes"),
