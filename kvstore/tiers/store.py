@@ -454,15 +454,22 @@ class TieredStore:
         """Read ``key`` from one tier into ``out``, decoding a codec container; None on a miss."""
         encoded = self.codecs.encoded(tier.name)
         dst = out
-        if encoded:
-            meta = tier.meta(key)
-            dst = np.empty(meta.nbytes if meta is not None else 0, dtype=np.uint8)
-        if pinned and isinstance(tier, MemoryTier):
-            n = tier.get_pinned_into(key, dst, ns.id)
+        if encoded and tier.shared:  # one round trip: the container and its header together
+            got = tier.read(key)
+            if got is None or got[1].namespace != ns.id:
+                return None
+            dst, n = got[0], got[1].nbytes
         else:
-            n = tier.get_into(key, dst, ns.id)
-        if n is None or not encoded:
-            return n
+            if encoded:  # local tiers know the container's size without reading it
+                meta = tier.meta(key)
+                dst = np.empty(meta.nbytes if meta is not None else 0, dtype=np.uint8)
+            if pinned and isinstance(tier, MemoryTier):
+                found = tier.get_pinned_into(key, dst, ns.id)
+            else:
+                found = tier.get_into(key, dst, ns.id)
+            if found is None or not encoded:
+                return found
+            n = found
         try:
             return self.codecs.decode_into(ns, dst[:n], out)
         except CodecError:
