@@ -11,6 +11,7 @@ from typing import Literal
 from kvstore.errors import InvalidInput
 from kvstore.tiers.base import Tier
 from kvstore.tiers.cpu import CPUTier, CPUTierConfig
+from kvstore.tiers.namespace_catalog import NamespaceCatalog
 from kvstore.tiers.store import TieredStore
 from kvstore.tiers.store_types import StoreConfig
 from kvstore.tiers.tier_codecs import CodecChoice
@@ -23,7 +24,8 @@ class TiersConfig:
     Attributes:
         cpu_bytes: budget of the CPU tier (always present; it takes every put).
         policy: eviction policy of the CPU and disk tiers.
-        data_dir: directory of the LMDB disk tier; None for no disk tier.
+        data_dir: directory of the LMDB disk tier and of the namespace catalog
+            (kvstore/tiers/namespace_catalog.py); None for no disk tier.
         disk_bytes: budget of the disk tier.
         disk_sync: ``none`` (survives a killed process) or ``commit`` (fsync per commit).
         redis_url: Redis/Valkey URL of the remote tier; None for no remote tier.
@@ -85,7 +87,8 @@ def build_store(config: TiersConfig, store_config: StoreConfig | None = None) ->
         chosen = store_config or StoreConfig(write_mode=config.write_mode)
         if config.codecs and not chosen.codecs:
             chosen = dataclasses.replace(chosen, codecs=config.codecs)
-        return TieredStore(tiers, chosen)
+        catalog = NamespaceCatalog(config.data_dir) if config.data_dir is not None else None
+        return TieredStore(tiers, chosen, catalog=catalog)
     except BaseException:
         for tier in tiers:
             tier.close()

@@ -27,6 +27,7 @@ from kvstore.tiers.arena import Extent
 from kvstore.tiers.base import ChunkMeta, Tier
 from kvstore.tiers.leases import LeaseId, LeaseTable
 from kvstore.tiers.memory import MemoryTier
+from kvstore.tiers.namespace_catalog import NamespaceCatalog
 from kvstore.tiers.store_types import LookupResult, StoreConfig, StoreStats
 
 __all__ = ["LookupResult", "StoreConfig", "StoreStats", "TieredStore"]
@@ -53,6 +54,7 @@ class TieredStore:
         config: StoreConfig = StoreConfig(),
         clock: Clock = time.monotonic,
         events: EventSink | None = None,
+        catalog: NamespaceCatalog | None = None,
     ) -> None:
         if not tiers:
             raise InvalidInput("a store needs at least one tier")
@@ -74,6 +76,10 @@ class TieredStore:
         self.chunk_caches = ChunkCacheIndex()
         self.leases = LeaseTable(clock, config.lease_ttl_s, config.max_leases)
         self._namespaces: dict[NamespaceId, Namespace] = {}
+        self._catalog = catalog
+        if catalog is not None:
+            for known in catalog.load():
+                self._namespaces[known.id] = known
         self._lock = threading.Lock()
         self._counts = {
             k: 0 for k in ("lookups", "qchunks", "hchunks", "gets", "hits", "misses", "promotions", "decode_errors")
@@ -97,7 +103,20 @@ class TieredStore:
 
     # -- namespaces ------------------------------------------------------------------------
     def register_namespace(self, ns: Namespace) -> NamespaceId:
-        """Make a namespace usable; idempotent. Returns its id."""
+        """Make a namespace usable; idempotent. Returns its id.
+
+        With a catalog, a new namespace is also recorded there so that it is known again
+        after a restart; a catalog that cannot be written (a full disk) is logged and the
+        namespace is still usable in this process.
+
+        Raises:
+            CapacityError: the catalog is full (the namespace is not registered).
+        """
+        if ns.id not in self._namespaces and self._catalog is not None:
+            try:
+                self._catalog.record(ns)
+            except OSError as exc:
+                log.warning("namespace of tenant %r not recorded in the catalog: %s", ns.tenant, exc)
         self._namespaces[ns.id] = ns
         return ns.id
 
