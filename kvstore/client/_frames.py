@@ -21,6 +21,7 @@ import numpy as np
 
 from kvstore.buffers import U8, BufferLike, as_u8
 from kvstore.checksum import checksum
+from kvstore.client._shm import ShmArena
 from kvstore.errors import Busy, ChunkCorrupt, InvalidInput, KVStoreError, RemoteUnavailable
 from kvstore.keys import ChunkKey, Namespace, TokenInput, as_token_array
 from kvstore.service.protocol import (
@@ -84,7 +85,10 @@ class ClientOptions:
         max_backoff_s: the largest retry delay.
         pool_size: connections kept per client (sync: one per concurrent caller).
         use_shm: use the shared-memory path when the daemon offers it (Unix socket, same uid).
-        verify: check each chunk read against the checksum the daemon stored with it.
+        verify: check each chunk read against the checksum the daemon stored with it, and
+            have the daemon check each shared-memory put against the client's checksum
+            (without it, a shared-memory put is one plain copy and the daemon hashes the
+            chunk when it first needs the checksum).
     """
 
     token: str | None = None
@@ -226,6 +230,13 @@ def batches(sizes: Sequence[int], limit: int) -> list[range]:
     if start < len(sizes):
         out.append(range(start, len(sizes)))
     return out
+
+
+def shm_fill(arena: ShmArena, offsets: Sequence[int], chunks: Sequence[U8]) -> None:
+    """Copy each chunk into its reserved extent of the shared arena (offset < 0: nothing to write)."""
+    for offset, src in zip(offsets, chunks):
+        if offset >= 0:
+            np.copyto(arena.view(offset, src.size), src)
 
 
 def put_limit(info: ServerInfo, nkeys: int) -> int:

@@ -279,3 +279,28 @@ def test_chunks_only_a_lower_tier_holds_are_read_and_prefetched(layered: DataPla
         stats = kv.stats()
         assert stats.store is not None and stats.store["top_pinned"] == 0 and stats.shm_pins == 0
         assert kv.clear(ns) >= 8
+
+
+def test_shared_memory_puts_are_one_copy_by_default_and_verified_on_request(server: DataPlaneProcess) -> None:
+    ns = Namespace("verify", KVSpec(ModelFingerprint("tiny"), 2, 2, 8, "float16"), chunk_tokens=16)
+    data = np.random.default_rng(5).integers(0, 256, 8 << 20, dtype=np.uint8)
+    with Client.connect(server.unix_url) as plain, Client.connect(server.unix_url, verify=True) as checked:
+        plain.register(ns)
+        written = lambda: plain.stats().requests.get("SHM_WRITTEN", 0)  # noqa: E731
+        before = written()
+        assert plain.put(ns, b"p" * 32, data)
+        assert written() == before  # no hashing steps: one plain copy
+        assert checked.put(ns, b"v" * 32, data)
+        assert written() > before  # the daemon hashed while the client copied, then compared
+        for key in (b"p" * 32, b"v" * 32):
+            out = np.empty_like(data)
+            assert checked.get(ns, key, out) == data.size and np.array_equal(out, data)  # verify=True read
+
+        async def aio() -> None:
+            async with await AsyncClient.connect(server.unix_url, verify=True) as kv:
+                assert await kv.put(ns, b"a" * 32, data)
+                out = np.empty_like(data)
+                assert await kv.get(ns, b"a" * 32, out) == data.size and np.array_equal(out, data)
+
+        asyncio.run(aio())
+        plain.delete_many(ns, [b"p" * 32, b"v" * 32, b"a" * 32])

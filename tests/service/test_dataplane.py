@@ -485,3 +485,37 @@ class RawConnLike(RawConn):
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._rid = 100
+
+
+def test_shared_memory_put_with_and_without_the_clients_checksum(dataplane: DataPlaneProcess) -> None:
+    from kvstore.client._shm import ShmArena
+
+    conn = RawConn(dataplane, unix=True)
+    _setup(conn)
+    offer = conn.ok(MsgType.HELLO, {})["shm"]
+    arena = ShmArena(offer["path"], offer["size"])
+    data = _chunk(21)
+
+    def reserve(key: bytes) -> int:
+        r = conn.ok(MsgType.SHM_RESERVE, {"ns": NS.id, "keys": [key], "sizes": [CHUNK]})
+        arena.view(r["offsets"][0], CHUNK)[:] = np.frombuffer(data, np.uint8)
+        return int(r["reservation"])
+
+    # with checksums, the daemon verifies what the client wrote: a wrong digest stores nothing
+    conn.send_request(MsgType.SHM_COMMIT, {"reservation": reserve(b"s" * 32), "checksums": [checksum(b"x")]})
+    assert _error(conn)["code"] == ErrorCode.CHECKSUM
+    assert conn.ok(MsgType.LOOKUP, {"ns": NS.id, "keys": [b"s" * 32], "lease": False})["keys"] == []
+    committed = conn.ok(MsgType.SHM_COMMIT, {"reservation": reserve(b"s" * 32), "checksums": [checksum(data)]})
+    assert committed["stored"] == [True]
+    # without, it is one plain copy; the daemon computes the checksum from the arena when needed
+    assert conn.ok(MsgType.SHM_COMMIT, {"reservation": reserve(b"t" * 32), "checksums": None})["stored"] == [True]
+    tcp = RawConn(dataplane)
+    _setup(tcp)
+    for key in (b"s" * 32, b"t" * 32):
+        prefix, header, body = tcp.request(MsgType.GET, {"ns": NS.id, "keys": [key]})
+        assert prefix.type == MsgType.OK and body == data
+        assert header["checksums"] == [checksum(data)]
+    tcp.ok(MsgType.DELETE, {"ns": NS.id, "keys": [b"s" * 32, b"t" * 32]})
+    conn.close()
+    tcp.close()
+    arena.close()
