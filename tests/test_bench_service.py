@@ -52,3 +52,37 @@ def test_quick_run_reports_every_figure_and_cleans_up(tmp_path: Path) -> None:
     assert any(line.startswith("measurement") for line in lines[:-1])  # the table precedes the JSON
     assert list(tmp_path.iterdir()) == []  # every temporary directory removed
     assert _shm_files() <= shm_before  # the daemon's shared arena removed with it
+
+
+SOAK_KEYS = (
+    "soak_ops", "soak_hit_chunks", "soak_errors", "soak_wrong_reads", "soak_rss_max_mib", "soak_arena_max_mib",
+    "soak_lmdb_max_mib", "soak_overhead_max_mib", "soak_overhead_growth_mib", "soak_cpu_tier_max_mib",
+    "soak_disk_tier_max_mib", "soak_op_p99_ms", "soak_leases_after", "soak_passed",
+)  # fmt: skip
+
+
+def _soak(*extra: str) -> tuple[int, dict[str, object], str]:
+    argv = [sys.executable, "-m", "kvstore.benchmarks.service", "--soak", "--quick", "--soak-s", "8", "--json",
+            "--no-progress", *extra]  # fmt: skip
+    shm_before = _shm_files()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert _shm_files() <= shm_before  # the daemon's arena file is gone
+    return done.returncode, json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
+
+
+def test_soak_runs_a_real_daemon_under_mixed_load_within_its_budgets() -> None:
+    rc, got, out = _soak()
+    assert rc == 0, out
+    assert set(SOAK_KEYS) <= got.keys()
+    assert got["soak_passed"] is True and got["soak_errors"] == 0 and got["soak_wrong_reads"] == 0
+    assert got["soak_ops"] > 0 and got["soak_hit_chunks"] > 0  # puts were read back (and checked)
+    assert 0 < got["soak_arena_max_mib"] <= 64 + 16 and got["soak_cpu_tier_max_mib"] <= 64
+    assert got["soak_disk_tier_max_mib"] <= 128
+    assert 0 < got["soak_overhead_max_mib"] <= 256
+    assert got["soak_leases_after"] == 0  # every lease of the load was consumed or released
+
+
+def test_soak_fails_when_the_overhead_bound_is_broken() -> None:
+    rc, got, out = _soak("--soak-overhead-mib", "1")  # no Python process fits in 1 MiB
+    assert rc == 1 and got["soak_passed"] is False
+    assert "FAIL overhead within 1 MiB" in out

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from kvstore.benchmarks.service_soak import SoakConfig, add_soak_arguments, run_soak
 from kvstore.benchmarks.common import (
     Case,
     Report,
@@ -127,6 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=positive_int, default=4096, help="tokens per lookup (default 4096)")
     parser.add_argument("--redis-url", default=None, help="Redis to compare with (default: a private redis-server)")
     parser.add_argument("--skip", action="append", choices=SECTIONS, help="leave a section out (repeatable)")
+    add_soak_arguments(parser)
 
 
 # -- processes this benchmark starts -------------------------------------------------------
@@ -360,7 +362,11 @@ def run_config(cfg: ServiceBenchConfig) -> Report:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark the flags describe; 0 on success."""
+    """Run the benchmark the flags describe; 0 on success (for ``--soak``: every check passed)."""
+    if args.soak:
+        report, passed = run_soak(SoakConfig.from_args(args), show_progress=not args.no_progress)
+        finish(report, bool(args.json))
+        return 0 if passed else 1
     report = run_config(ServiceBenchConfig.from_args(args))
     finish(report, bool(args.json))
     return 0

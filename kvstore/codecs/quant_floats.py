@@ -14,14 +14,27 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 F32 = npt.NDArray[np.float32]
 U8A = npt.NDArray[np.uint8]
 
 FP8_MAX: Final = 448.0
+
+
+def _e4m3_values() -> F32:
+    """The float32 value of each e4m3fn byte: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities."""
+    b = np.arange(256, dtype=np.uint32)
+    exp, mant = (b >> 3) & 0xF, (b & 7).astype(np.float32)
+    magnitude = np.where(
+        exp == 0, mant * np.float32(2.0**-9), (1 + mant / 8) * np.exp2(exp.astype(np.float32) - 7)
+    ).astype(np.float32)
+    values = np.where(b & 0x80, -magnitude, magnitude).astype(np.float32)
+    values[(b & 0x7F) == 0x7F] = np.nan
+    return values
+
+
 #: the float32 value of each e4m3fn byte (0x7F and 0xFF are NaN)
-E4M3_VALUES: Final[F32] = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+E4M3_VALUES: Final[F32] = _e4m3_values()
 _E4M3_MIN_NORMAL: Final = np.float32(2.0**-6)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 import secrets
 import time
 from dataclasses import dataclass
@@ -89,9 +90,15 @@ def _shared_arena(nbytes: int) -> tuple[U8, str, mmap.mmap]:
     return np.frombuffer(mapping, dtype=np.uint8), path, mapping
 
 
+def _cuda_may_be_present() -> bool:
+    """Whether an NVIDIA driver is loaded (or torch already imported): only then is torch worth
+    importing to ask about CUDA (the import alone costs a CPU-only daemon ~150 MiB and seconds)."""
+    return "torch" in sys.modules or os.path.exists("/proc/driver/nvidia")
+
+
 def _host_arena(nbytes: int, pin_memory: str) -> tuple[U8, bool]:
     """A host buffer of ``nbytes``; page-locked when asked and possible."""
-    if pin_memory != "never":
+    if pin_memory == "always" or (pin_memory == "auto" and _cuda_may_be_present()):
         import torch
 
         if torch.cuda.is_available():
