@@ -163,10 +163,17 @@ def format_text(d: Description) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``kvstore inspect``: FILE (or ``-`` for stdin), ``--json``, ``--decode``."""
-    parser.add_argument("file", metavar="FILE", help="a container file, or - to read one from stdin")
+    """Arguments of ``kvstore inspect``: FILE (or ``-`` for stdin) or KEY with where to find it."""
+    parser.add_argument(
+        "file", metavar="FILE|KEY",
+        help="a container file, - to read one from stdin, or a chunk key (64 hex digits) with --data-dir "
+        "and/or --redis-url",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the description as JSON")
     parser.add_argument("--decode", action="store_true", help="also decode it with its codec")
+    parser.add_argument("--data-dir", help="KEY: look in the disk tier under this directory (read-only)")
+    parser.add_argument("--redis-url", help="KEY: look in the remote tier at this Redis/Valkey URL")
+    parser.add_argument("--key-prefix", default="kvs:", help="KEY: the remote tier's key prefix (default kvs:)")
 
 
 def _read(path: str) -> bytes:
@@ -187,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         0 if the container is intact (and decodes, with ``--decode``), 1 if it
         is malformed or corrupt, 2 if the file cannot be read.
     """
+    if args.data_dir is not None or args.redis_url is not None:
+        return _run_key(args)
     try:
         data = _read(args.file)
     except OSError as exc:
@@ -199,3 +208,39 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(d.to_dict(), indent=2) if args.json else format_text(d))
     return 0 if d.checksums_ok and (d.decode is None or d.decode.startswith("ok")) else 1
+
+
+def _run_key(args: argparse.Namespace) -> int:
+    """``kvstore inspect KEY``: 0 if every tier's record is intact, 1 if one is not or none exists, 2 on bad input."""
+    from kvstore.codecs import inspect_key as ik
+
+    try:
+        key = ik.parse_key(args.file)
+        found = [
+            r
+            for r in (
+                ik.read_disk(args.data_dir, key, args.decode) if args.data_dir is not None else None,
+                ik.read_remote(args.redis_url, key, args.key_prefix, args.decode)
+                if args.redis_url is not None
+                else None,
+            )
+            if r is not None
+        ]
+    except KVStoreError as exc:
+        print(f"kvstore inspect: {exc}", file=sys.stderr)
+        return 2
+    if not found:
+        print(f"kvstore inspect: no record of {args.file} in the tiers named", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([r.to_dict() for r in found], indent=2))
+    ok = True
+    for r in found:
+        if not args.json:
+            print(ik.format_record(r))
+            if r.container is not None:
+                print(format_text(r.container))
+        decode = None if r.container is None else r.container.decode
+        ok = ok and r.intact and (decode is None or decode.startswith("ok"))
+    return 0 if ok else 1
+
