@@ -77,6 +77,13 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], load: b
     sp = which.add_parser("store", help="tiers, lookup and index against memcpy, files, redis-py and sha256")
     store_bench.add_arguments(sp)
     sp.set_defaults(bench_run=store_bench.run)
+    from kvstore.benchmarks import codecs as codecs_bench
+
+    cp = which.add_parser(
+        "codecs", help="every codec and level on real SmolLM2 KV: size, speed against zstd -1, quality"
+    )
+    codecs_bench.add_arguments(cp)
+    cp.set_defaults(bench_run=codecs_bench.run)
     if importlib.util.find_spec("kvstore.benchmarks.service") is not None:
         service_bench = importlib.import_module("kvstore.benchmarks.service")
         sv = which.add_parser("service", help="the daemon's data plane and client against raw sockets")
