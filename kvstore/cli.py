@@ -89,6 +89,13 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], load: b
         sv = which.add_parser("service", help="the daemon's data plane and client against raw sockets")
         service_bench.add_arguments(sv)
         sv.set_defaults(bench_run=service_bench.run)
+    from kvstore.benchmarks import blend as blend_bench
+
+    bl = which.add_parser(
+        "blend", help="CacheBlend passage reuse on the real model: quality and TTFT per ratio vs full prefill"
+    )
+    blend_bench.add_arguments(bl)
+    bl.set_defaults(bench_run=blend_bench.run)
 
 
 def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

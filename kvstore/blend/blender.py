@@ -1,0 +1,188 @@
+"""The blender: reused passage KV + selective recomputation -> one prompt's KV and next-token logits.
+
+Per prompt (``Blender.blend``):
+
+1. Assemble: lay the segments out in order; each passage's K is rotated from
+   the positions it was computed at to its place in this prompt.
+2. Layers before ``check_layer`` are computed for every token (full prefill).
+3. At each filtering layer, fresh K/V of the tokens still computed are
+   compared with the reused K/V; the most deviating ``ratio`` of the reused
+   tokens, and every uncached token, go on. Fresh K/V of every token computed
+   at a layer replace the reused K/V at their positions.
+4. Later layers compute only the selected tokens: their queries attend to the
+   whole assembled KV, each to positions <= its own.
+
+Always recomputed: every uncached token and the prompt's last token (its
+logits start the answer). The attention sink: a prompt whose first segment is
+a passage reuses it at its first position (computed there, exact); otherwise
+the uncached prefix (e.g. the chat template's opening) is computed and is the
+sink. Each passage's own first token was a sink in its standalone computation;
+its deviation is large, so a non-zero ratio recomputes it first.
+
+``ratio == 0`` is full reuse: no layer is computed in full, the uncached
+tokens are computed against the reused KV at every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvstore.blend.config import BlendConfig
+from kvstore.blend.llama import LlamaStack
+from kvstore.blend.rope import RopeSpec, rope_from_model, shift_keys
+from kvstore.blend.segments import Assembled, PassageKV, Segment
+from kvstore.blend.select import keep_count, kv_deviation, select_tokens
+from kvstore.errors import InvalidInput, ShapeMismatch
+from kvstore.spec import KVSpec
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class BlendResult:
+    """One blended prompt.
+
+    Attributes:
+        ids: the prompt's token ids ``[T]``.
+        logits: next-token logits after the last prompt token ``[vocab]``.
+        keys, values: the prompt's KV per layer, ``[layers, kv_heads, T, head_dim]`` float32.
+        reused: bool ``[T]``, positions whose KV came from a passage.
+        recomputed: positions computed through the last layer (ascending).
+    """
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    reused: torch.Tensor
+    recomputed: torch.Tensor
+
+    @property
+    def recomputed_reused_fraction(self) -> float:
+        """Fraction of the reused tokens recomputed through the last layer."""
+        n = int(self.reused.sum())
+        return float(self.reused[self.recomputed].sum()) / n if n else 0.0
+
+    def cache(self, config: PretrainedConfig | None = None) -> DynamicCache:
+        """A transformers ``DynamicCache`` holding the prompt's KV (decode or teacher-force from it)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=config)
+        for i in range(self.keys.shape[0]):
+            cache.update(self.keys[i : i + 1], self.values[i : i + 1], i)
+        return cache
+
+
+class Blender:
+    """Blends reused passage KV into prompts for one Llama-architecture model.
+
+    Invariant: the model is only read (eval mode, no gradients); every
+    passage's KV geometry matches the model's, checked before any compute.
+    """
+
+    def __init__(self, model: PreTrainedModel, config: BlendConfig | None = None, spec: KVSpec | None = None) -> None:
+        """Raises InvalidInput (unsupported model), RopeScalingUnsupported, or ShapeMismatch (``spec`` names another geometry)."""
+        config = config or BlendConfig()
+        self.model = model
+        self.config = config
+        self.stack = LlamaStack(model)
+        self.rope: RopeSpec = rope_from_model(model)
+        config.check_layers(self.stack.num_layers)
+        if spec is not None:
+            check_spec(spec, self.stack)
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+
+    def assemble(self, segments: Sequence[Segment]) -> Assembled:
+        """Lay the segments out, passages' keys re-rotated to their new positions.
+
+        Raises:
+            InvalidInput: no tokens, a passage shorter than ``min_passage_tokens``, or a prompt
+                longer than the model's positions.
+            ShapeMismatch: a passage's KV geometry is not the model's.
+        """
+        parts: list[torch.Tensor] = []
+        passages: list[tuple[int, PassageKV]] = []
+        offset = 0
+        for seg in segments:
+            if isinstance(seg, PassageKV):
+                self._check_passage(seg)
+                passages.append((offset, seg))
+                parts.append(torch.tensor(seg.tokens, dtype=torch.long))
+                offset += len(seg)
+            else:
+                ids = torch.as_tensor(list(seg), dtype=torch.long).reshape(-1)
+                parts.append(ids)
+                offset += int(ids.numel())
+        if offset == 0:
+            raise InvalidInput("a blended prompt needs at least one token")
+        if self.max_positions and offset > self.max_positions:
+            raise InvalidInput(f"prompt of {offset} tokens exceeds the model's {self.max_positions} positions")
+        s = self.stack
+        keys = torch.zeros(s.num_layers, s.num_kv_heads, offset, s.head_dim)
+        values = torch.zeros_like(keys)
+        reused = torch.zeros(offset, dtype=torch.bool)
+        for start, p in passages:
+            kv = p.kv.float()
+            end = start + len(p)
+            keys[:, :, start:end] = shift_keys(kv[:, 0], start - p.start_position, self.rope).transpose(1, 2)
+            values[:, :, start:end] = kv[:, 1].transpose(1, 2)
+            reused[start:end] = True
+        return Assembled(torch.cat(parts), reused, keys, values, tuple(o for o, _ in passages))
+
+    def blend(self, segments: Sequence[Segment]) -> BlendResult:
+        """Blend one prompt; see the module docstring. Raises what :meth:`assemble` raises."""
+        with torch.inference_mode():
+            return self._run(self.assemble(segments))
+
+    def _run(self, a: Assembled) -> BlendResult:
+        s, cfg = self.stack, self.config
+        total = a.num_tokens
+        forced = ~a.reused
+        forced[-1] = True
+        n_reused = int(a.reused.sum())
+        full_reuse = cfg.full_reuse
+        filters = {} if full_reuse else dict(zip(cfg.check_layers(s.num_layers), cfg.schedule))
+        sel = torch.nonzero(forced).reshape(-1) if full_reuse else torch.arange(total)
+        in_order = sel.numel() == total
+        h = s.embed(a.ids[sel])
+        for i in range(s.num_layers):
+            p = s.qkv(i, h, sel)
+            keys, values = a.keys[i : i + 1], a.values[i : i + 1]
+            q = p.q
+            local = None
+            if i in filters:
+                dev = kv_deviation(p.k, p.v, keys[:, :, sel], values[:, :, sel])
+                local = select_tokens(dev, a.reused[sel], forced[sel], keep_count(filters[i], n_reused))
+            keys[:, :, sel] = p.k
+            values[:, :, sel] = p.v
+            if local is not None and local.numel() != sel.numel():
+                sel, h, q, in_order = sel[local], h[:, local], q[:, :, local], False
+            h = s.finish(i, h, q, keys, values, None if in_order else sel)
+        logits = s.logits(h[:, -1:])[-1]
+        return BlendResult(a.ids, logits, a.keys, a.values, a.reused, sel)
+
+    def _check_passage(self, p: PassageKV) -> None:
+        s = self.stack
+        want = (s.num_layers, 2, len(p), s.num_kv_heads, s.head_dim)
+        if tuple(p.kv.shape) != want:
+            raise ShapeMismatch(f"passage KV has shape {tuple(p.kv.shape)}, this model needs {want}")
+        if len(p) < self.config.min_passage_tokens:
+            raise InvalidInput(
+                f"passage of {len(p)} tokens is shorter than min_passage_tokens={self.config.min_passage_tokens}; "
+                "pass it as uncached tokens"
+            )
+        if not p.kv.is_floating_point():
+            raise InvalidInput(f"passage KV must be floating point, got {p.kv.dtype}")
+
+
+def check_spec(spec: KVSpec, stack: LlamaStack) -> None:
+    """Raise ShapeMismatch unless ``spec`` describes this model's KV geometry (separate K/V layout)."""
+    got = (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.layout)
+    want = (stack.num_layers, stack.num_kv_heads, stack.head_dim, "kv_separate")
+    if got != want:
+        raise ShapeMismatch(f"KV spec (layers, kv_heads, head_dim, layout) = {got}, the model has {want}")

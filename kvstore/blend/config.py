@@ -1,0 +1,68 @@
+"""The blender's one validated config object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+
+from kvstore.errors import InvalidInput
+
+
+@dataclass(frozen=True, slots=True)
+class BlendConfig:
+    """How much of the reused KV is recomputed, and where it is decided.
+
+    Attributes:
+        ratio: fraction of the reused (cached) tokens recomputed through the
+            layers after the check layer, in [0, 1]. 0 is full reuse: only the
+            uncached tokens are computed, at every layer, against the reused
+            KV (no layer is computed in full). 1 recomputes everything (a full
+            prefill, in this loop).
+        check_layer: layers ``0 .. check_layer-1`` are computed in full (every
+            token); at ``check_layer`` the reused tokens are ranked by how far
+            their reused K/V lie from a fresh computation. >= 1.
+        gradual: optional larger ratios applied at ``check_layer``,
+            ``check_layer+1``, ... before ``ratio`` (CacheBlend's gradual
+            filtering): each step keeps the most deviating tokens among the
+            previous step's, so the schedule must not increase.
+        min_passage_tokens: passages shorter than this are refused (put short
+            text among the uncached tokens instead).
+    """
+
+    ratio: float = 0.15
+    check_layer: int = 1
+    gradual: tuple[float, ...] = ()
+    min_passage_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) <= 1.0:
+            raise InvalidInput(f"ratio must be in [0, 1], got {self.ratio!r}")
+        if not isinstance(self.check_layer, int) or self.check_layer < 1:
+            raise InvalidInput(f"check_layer must be an integer >= 1, got {self.check_layer!r}")
+        steps = self.schedule
+        if any(not 0.0 <= s <= 1.0 for s in steps):
+            raise InvalidInput(f"gradual ratios must be in [0, 1], got {self.gradual!r}")
+        if any(a < b for a, b in pairwise(steps)):
+            raise InvalidInput(f"the filtering schedule {steps} must not increase")
+        if self.min_passage_tokens < 1:
+            raise InvalidInput(f"min_passage_tokens must be >= 1, got {self.min_passage_tokens}")
+
+    @property
+    def schedule(self) -> tuple[float, ...]:
+        """The ratio kept at ``check_layer``, ``check_layer+1``, ...; the last is ``ratio``."""
+        return (*(float(g) for g in self.gradual), float(self.ratio))
+
+    @property
+    def full_reuse(self) -> bool:
+        return float(self.ratio) == 0.0
+
+    def check_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The layers where tokens are filtered, checked against the model's depth.
+
+        Raises:
+            InvalidInput: the schedule runs past the model's last layer.
+        """
+        last = self.check_layer + len(self.schedule) - 1
+        if last >= num_layers:
+            raise InvalidInput(f"filtering reaches layer {last}, the model has {num_layers} layers")
+        return tuple(range(self.check_layer, last + 1))
