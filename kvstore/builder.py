@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kvstore.errors import InvalidInput
+from kvstore.events import EventSink
 from kvstore.tiers.base import Tier
 from kvstore.tiers.cpu import CPUTier, CPUTierConfig
 from kvstore.tiers.namespace_catalog import NamespaceCatalog
@@ -80,15 +81,17 @@ def build_tiers(config: TiersConfig) -> list[Tier]:
     return tiers
 
 
-def build_store(config: TiersConfig, store_config: StoreConfig | None = None) -> TieredStore:
-    """A store over the configured tiers; the caller owns it and must close it."""
+def build_store(
+    config: TiersConfig, store_config: StoreConfig | None = None, events: EventSink | None = None
+) -> TieredStore:
+    """A store over the configured tiers (emitting its KV events to ``events``); the caller owns it."""
     tiers = build_tiers(config)
     try:
         chosen = store_config or StoreConfig(write_mode=config.write_mode)
         if config.codecs and not chosen.codecs:
             chosen = dataclasses.replace(chosen, codecs=config.codecs)
         catalog = NamespaceCatalog(config.data_dir) if config.data_dir is not None else None
-        return TieredStore(tiers, chosen, catalog=catalog)
+        return TieredStore(tiers, chosen, events=events, catalog=catalog)
     except BaseException:
         for tier in tiers:
             tier.close()

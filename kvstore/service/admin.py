@@ -15,7 +15,7 @@ import time
 
 from aiohttp import web
 
-from kvstore.service import admin_ops, admin_routes
+from kvstore.service import admin_events, admin_ops, admin_routes
 from kvstore.service.admin_io import Handler, errors_middleware, json_error
 from kvstore.service.admin_openapi import openapi_document
 from kvstore.service.admin_scope import Caller, set_caller
@@ -94,4 +94,5 @@ def make_admin_app(config: DaemonConfig) -> web.Application:
     app.router.add_get("/openapi.json", openapi)
     app.router.add_routes(admin_routes.routes)
     app.router.add_routes(admin_ops.routes)
+    app.router.add_routes(admin_events.routes)
     return app

@@ -151,7 +151,24 @@ def _v1_paths() -> JSON:
         "/v1/clear": _post("Remove every chunk of a namespace", _obj(["removed"], removed=_INT),
                            "ClearRequest", 503),
         "/v1/move": _post("Copy chunks between tiers", _ref("MoveResult"), "MoveRequest"),
+        "/v1/events": {"get": _events_op()},
     }  # fmt: skip
+
+
+def _events_op() -> JSON:
+    """``GET /v1/events``: a stream of vLLM-format KV event batches (kvstore/service/admin_events.py)."""
+    stream = {"schema": {**_STR, "format": "binary"}}
+    ok = {
+        "description": "batches until the client leaves, `seconds` pass or the daemon drains",
+        "content": {"application/vnd.kvstore.vllm-events": stream, "application/x-ndjson": stream},
+    }
+    op = _op("Stream the store's KV events (BlockStored, BlockRemoved, AllBlocksCleared)", ok, 400, 401, 503)
+    op["parameters"] = [
+        {"name": "format", "in": "query", "schema": {**_STR, "enum": ["msgpack", "json"]}},
+        {"name": "interval_s", "in": "query", "schema": {**_NUM, "minimum": 0.01, "maximum": 10}},
+        {"name": "seconds", "in": "query", "schema": {**_NUM, "minimum": 0, "maximum": 86400}},
+    ]
+    return op
 
 
 def _chunk_paths() -> JSON:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from kvstore.connectors.vllm_events import EventFanout
 from kvstore.service.admin_history import StatsHistory
 from kvstore.service.admin_metrics import DaemonMetrics, Snapshot, take_snapshot
 from kvstore.service.config import DaemonConfig
@@ -77,6 +78,7 @@ class DaemonState:
         data_plane: the running data-plane server, or None (disabled, not yet started, closed).
         draining: a stop signal arrived; the daemon is finishing in-flight work.
         inflight: admin requests being handled now.
+        event_subscribers: open ``/v1/events`` streams.
     """
 
     started_at: float = field(default_factory=time.time)
@@ -84,6 +86,7 @@ class DaemonState:
     data_plane: DataPlane | None = None
     draining: bool = False
     inflight: InflightRequests = field(default_factory=InflightRequests)
+    event_subscribers: int = 0
 
 
 CONFIG = web.AppKey("config", DaemonConfig)
@@ -91,6 +94,7 @@ STATE = web.AppKey("state", DaemonState)
 STORE = web.AppKey("store", TieredStore)
 METRICS = web.AppKey("metrics", DaemonMetrics)
 HISTORY = web.AppKey("history", StatsHistory)
+EVENTS = web.AppKey("events", EventFanout)
 
 
 def snapshot(app: web.Application) -> Snapshot:

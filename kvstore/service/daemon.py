@@ -34,12 +34,14 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from kvstore.builder import build_store
+from kvstore.connectors.vllm_events import EventFanout
 from kvstore.errors import KVStoreError
 from kvstore.service.admin import make_admin_app
 from kvstore.service.admin_history import StatsHistory, sample_forever
 from kvstore.service.admin_metrics import DaemonMetrics
 from kvstore.service.admin_state import (
     CONFIG,
+    EVENTS,
     HISTORY,
     METRICS,
     STATE,
@@ -108,8 +110,10 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     dp = config.data_plane
     shm = config.tiers.shared_memory or (dp.enabled and dp.shm and dp.unix_path is not None)
     tiers = dataclasses.replace(config.tiers, shared_memory=shm)  # the shm path maps the CPU arena
-    store = await asyncio.to_thread(build_store, tiers, config.store)
+    fanout = EventFanout()
+    store = await asyncio.to_thread(build_store, tiers, config.store, fanout)
     app[STORE] = store
+    app[EVENTS] = fanout
     app[STATE].store_open = True
     event("store open", tiers=[t.name for t in store.tiers], data_dir=config.tiers.data_dir)
     yield

@@ -58,9 +58,12 @@ class Ctx:
         return self.core.access.namespace(field_bytes(h, "ns", 32), self.session.tenant)
 
     def lease(self, h: dict[str, Any]) -> LeaseId | None:
+        """The request's lease; None if it names none, or one that expired or was released (the
+        request then reads without it, like the in-process store: a chunk evicted meanwhile is a
+        miss). Another tenant's live lease is refused."""
         lease = field_opt_int(h, "lease", 1)
-        if lease is not None:
-            self.core.leases.check(lease, self.session.tenant)
+        if lease is not None and not self.core.leases.check(lease, self.session.tenant):
+            return None
         return lease
 
 
@@ -262,7 +265,8 @@ def prefetch(ctx: Ctx, h: dict[str, Any], payload: bytes | None) -> Result:
 def release(ctx: Ctx, h: dict[str, Any], payload: bytes | None) -> Result:
     lease = field_int(h, "lease", 1)
     try:
-        ctx.core.leases.check(lease, ctx.tenant)
+        if not ctx.core.leases.check(lease, ctx.tenant):
+            return Reply({"released": False})
     except LeaseError:
         return Reply({"released": False})
     ctx.core.leases.discard(lease)

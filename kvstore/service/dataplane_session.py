@@ -182,11 +182,18 @@ class LeaseBook:
     def add(self, lease: LeaseId, tenant: str | None, ttl_s: float) -> None:
         self._owners[lease] = (tenant, time.monotonic() + ttl_s)
 
-    def check(self, lease: LeaseId, tenant: str | None) -> None:
-        """Raises LeaseError unless ``tenant`` was granted ``lease`` and it has not lapsed."""
+    def check(self, lease: LeaseId, tenant: str | None) -> bool:
+        """Whether ``lease`` is live and ``tenant``'s; False if unknown, expired or released.
+
+        Raises:
+            LeaseError: the lease is live and another tenant's.
+        """
         entry = self._owners.get(lease)
-        if entry is None or entry[0] != tenant or entry[1] < time.monotonic():
+        if entry is None or entry[1] < time.monotonic():
+            return False
+        if entry[0] != tenant:
             raise LeaseError(f"lease {lease} is unknown, expired or released")
+        return True
 
     def discard(self, lease: LeaseId) -> None:
         self._owners.pop(lease, None)

@@ -288,19 +288,19 @@ def test_shared_memory_puts_are_one_copy_by_default_and_verified_on_request(serv
         plain.register(ns)
         written = lambda: plain.stats().requests.get("SHM_WRITTEN", 0)  # noqa: E731
         before = written()
-        assert plain.put(ns, b"p" * 32, data)
+        assert plain.put(ns, b"vp" * 16, data)
         assert written() == before  # no hashing steps: one plain copy
-        assert checked.put(ns, b"v" * 32, data)
+        assert checked.put(ns, b"vv" * 16, data)
         assert written() > before  # the daemon hashed while the client copied, then compared
-        for key in (b"p" * 32, b"v" * 32):
+        for key in (b"vp" * 16, b"vv" * 16):
             out = np.empty_like(data)
             assert checked.get(ns, key, out) == data.size and np.array_equal(out, data)  # verify=True read
 
         async def aio() -> None:
             async with await AsyncClient.connect(server.unix_url, verify=True) as kv:
-                assert await kv.put(ns, b"a" * 32, data)
+                assert await kv.put(ns, b"va" * 16, data)
                 out = np.empty_like(data)
-                assert await kv.get(ns, b"a" * 32, out) == data.size and np.array_equal(out, data)
+                assert await kv.get(ns, b"va" * 16, out) == data.size and np.array_equal(out, data)
 
         asyncio.run(aio())
-        plain.delete_many(ns, [b"p" * 32, b"v" * 32, b"a" * 32])
+        plain.delete_many(ns, [b"vp" * 16, b"vv" * 16, b"va" * 16])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -519,3 +520,20 @@ def test_shared_memory_put_with_and_without_the_clients_checksum(dataplane: Data
     conn.close()
     tcp.close()
     arena.close()
+
+
+def test_a_lapsed_lease_is_ignored_and_the_get_reads_without_it(dataplane: DataPlaneProcess) -> None:
+    conn = RawConn(dataplane)
+    _setup(conn)
+    data = _chunk(31)
+    _put(conn, b"l" * 32, data)
+    hit = conn.ok(MsgType.LOOKUP, {"ns": NS.id, "keys": [b"l" * 32, b"m" * 32], "ttl_s": 0.2})
+    assert hit["lease"] is not None
+    time.sleep(0.5)  # the lease lapses; the chunk is still stored
+    prefix, header, body = conn.request(MsgType.GET, {"ns": NS.id, "keys": [b"l" * 32], "lease": hit["lease"]})
+    assert prefix.type == MsgType.OK and body == data
+    assert conn.ok(MsgType.RELEASE, {"lease": hit["lease"]})["released"] is False
+    conn.ok(MsgType.DELETE, {"ns": NS.id, "keys": [b"l" * 32]})
+    prefix, header, body = conn.request(MsgType.GET, {"ns": NS.id, "keys": [b"l" * 32], "lease": hit["lease"]})
+    assert prefix.type == MsgType.OK and header["sizes"] == [-1]  # gone meanwhile: a miss, not an error
+    conn.close()
