@@ -6,7 +6,9 @@ Per prompt (``Blender.blend``):
    the positions it was computed at to its place in this prompt.
 2. Layers before ``check_layer`` are computed for every token (full prefill).
 3. At each filtering layer, fresh K/V of the tokens still computed are
-   compared with the reused K/V; the most deviating ``ratio`` of the reused
+   compared with the reused K/V (``BlendConfig.deviation``), weighted by the
+   attention each token gets from the uncached tokens' queries
+   (``BlendConfig.attention_weight``); the top ``ratio`` of the reused
    tokens, and every uncached token, go on. Fresh K/V of every token computed
    at a layer replace the reused K/V at their positions.
 4. Later layers compute only the selected tokens: their queries attend to the
@@ -17,7 +19,7 @@ logits start the answer). The attention sink: a prompt whose first segment is
 a passage reuses it at its first position (computed there, exact); otherwise
 the uncached prefix (e.g. the chat template's opening) is computed and is the
 sink. Each passage's own first token was a sink in its standalone computation;
-its deviation is large, so a non-zero ratio recomputes it first.
+its deviation is large, so a non-zero ratio normally picks it first (``sink_tokens`` forces it).
 
 ``ratio == 0`` is full reuse: no layer is computed in full, the uncached
 tokens are computed against the reused KV at every layer.
@@ -25,6 +27,7 @@ tokens are computed against the reused KV at every layer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,7 +38,7 @@ from kvstore.blend.config import BlendConfig
 from kvstore.blend.llama import LlamaStack
 from kvstore.blend.rope import RopeSpec, rope_from_model, shift_keys
 from kvstore.blend.segments import Assembled, PassageKV, Segment
-from kvstore.blend.select import keep_count, kv_deviation, select_tokens
+from kvstore.blend.select import keep_count, kv_deviation, select_per_group, select_tokens
 from kvstore.errors import InvalidInput, ShapeMismatch
 from kvstore.spec import KVSpec
 
@@ -126,13 +129,15 @@ class Blender:
         keys = torch.zeros(s.num_layers, s.num_kv_heads, offset, s.head_dim)
         values = torch.zeros_like(keys)
         reused = torch.zeros(offset, dtype=torch.bool)
-        for start, p in passages:
+        passage_of = torch.full((offset,), -1, dtype=torch.long)
+        for n, (start, p) in enumerate(passages):
             kv = p.kv.float()
             end = start + len(p)
             keys[:, :, start:end] = shift_keys(kv[:, 0], start - p.start_position, self.rope).transpose(1, 2)
             values[:, :, start:end] = kv[:, 1].transpose(1, 2)
             reused[start:end] = True
-        return Assembled(torch.cat(parts), reused, keys, values, tuple(o for o, _ in passages))
+            passage_of[start:end] = n
+        return Assembled(torch.cat(parts), reused, keys, values, tuple(o for o, _ in passages), passage_of)
 
     def blend(self, segments: Sequence[Segment]) -> BlendResult:
         """Blend one prompt; see the module docstring. Raises what :meth:`assemble` raises."""
@@ -146,6 +151,12 @@ class Blender:
         forced[-1] = True
         n_reused = int(a.reused.sum())
         full_reuse = cfg.full_reuse
+        candidates = a.reused.clone()
+        if cfg.sink_tokens and not full_reuse:
+            for start in a.passage_offsets:
+                forced[start : start + cfg.sink_tokens] = True
+                candidates[start : start + cfg.sink_tokens] = False
+        sizes = torch.bincount(a.passage_of[a.reused], minlength=len(a.passage_offsets))
         filters = {} if full_reuse else dict(zip(cfg.check_layers(s.num_layers), cfg.schedule))
         sel = torch.nonzero(forced).reshape(-1) if full_reuse else torch.arange(total)
         in_order = sel.numel() == total
@@ -156,8 +167,13 @@ class Blender:
             q = p.q
             local = None
             if i in filters:
-                dev = kv_deviation(p.k, p.v, keys[:, :, sel], values[:, :, sel])
-                local = select_tokens(dev, a.reused[sel], forced[sel], keep_count(filters[i], n_reused))
+                dev = kv_deviation(p.k, p.v, keys[:, :, sel], values[:, :, sel], cfg.deviation)
+                if cfg.attention_weight:
+                    dev = dev * attention_mass(p.q, p.k, sel, forced).pow(cfg.attention_weight)
+                if cfg.per_passage:
+                    local = select_per_group(dev, candidates[sel], forced[sel], a.passage_of[sel], sizes, filters[i])
+                else:
+                    local = select_tokens(dev, candidates[sel], forced[sel], keep_count(filters[i], n_reused))
             keys[:, :, sel] = p.k
             values[:, :, sel] = p.v
             if local is not None and local.numel() != sel.numel():
@@ -178,6 +194,19 @@ class Blender:
             )
         if not p.kv.is_floating_point():
             raise InvalidInput(f"passage KV must be floating point, got {p.kv.dtype}")
+
+
+def attention_mass(q: torch.Tensor, k: torch.Tensor, sel: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """Attention each computed token receives from the uncached tokens' queries (summed over heads), ``[n]``.
+
+    ``q`` ``[1, heads, n, d]``, ``k`` ``[1, kv_heads, n, d]`` at positions ``sel``; causal by position.
+    """
+    rows = torch.nonzero(forced[sel]).reshape(-1)
+    qf = q[0][:, rows]  # [heads, m, d]
+    kf = k[0].repeat_interleave(qf.shape[0] // k.shape[1], dim=0)  # [heads, n, d]
+    scores = qf @ kf.transpose(1, 2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(sel[None, None, :] > sel[rows][None, :, None], float("-inf"))
+    return scores.softmax(-1).sum(dim=(0, 1))
 
 
 def check_spec(spec: KVSpec, stack: LlamaStack) -> None:

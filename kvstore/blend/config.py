@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import pairwise
 
+from kvstore.blend.select import DEVIATIONS
 from kvstore.errors import InvalidInput
 
 
@@ -27,12 +28,27 @@ class BlendConfig:
             previous step's, so the schedule must not increase.
         min_passage_tokens: passages shorter than this are refused (put short
             text among the uncached tokens instead).
+        deviation: how reused tokens are ranked (``kvstore.blend.select``):
+            ``"kv"``, ``"k"``, ``"v"`` or ``"kv_head_norm"``.
+        sink_tokens: the first ``sink_tokens`` tokens of every passage are
+            always recomputed, on top of the ``ratio`` share (each passage's
+            opening was an attention sink in its standalone computation).
+        per_passage: take the top ``ratio`` within each passage instead of
+            over all reused tokens together.
+        attention_weight: the deviation is multiplied by ``a ** attention_weight``,
+            ``a`` the attention the token receives at the filtering layer from
+            the uncached tokens' queries (the question), so deviations that the
+            question would read count more. 0 ranks by deviation alone.
     """
 
     ratio: float = 0.15
-    check_layer: int = 1
+    check_layer: int = 3
     gradual: tuple[float, ...] = ()
     min_passage_tokens: int = 16
+    deviation: str = "kv"
+    sink_tokens: int = 0
+    per_passage: bool = False
+    attention_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) <= 1.0:
@@ -44,6 +60,13 @@ class BlendConfig:
             raise InvalidInput(f"gradual ratios must be in [0, 1], got {self.gradual!r}")
         if any(a < b for a, b in pairwise(steps)):
             raise InvalidInput(f"the filtering schedule {steps} must not increase")
+        if self.deviation not in DEVIATIONS:
+            raise InvalidInput(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise InvalidInput(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
+        w = self.attention_weight
+        if not isinstance(w, (int, float)) or not 0.0 <= float(w) < float("inf"):
+            raise InvalidInput(f"attention_weight must be a finite number >= 0, got {w!r}")
         if self.min_passage_tokens < 1:
             raise InvalidInput(f"min_passage_tokens must be >= 1, got {self.min_passage_tokens}")
 

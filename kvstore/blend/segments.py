@@ -47,7 +47,8 @@ class Assembled:
 
     ``keys``/``values`` are ``[layers, kv_heads, T, head_dim]`` float32: the
     passages' KV with keys re-rotated to their new positions, zeros at
-    uncached positions (every one of which is computed).
+    uncached positions (every one of which is computed). ``passage_of`` is
+    int ``[T]``: the index of the passage at each position, -1 where uncached.
     """
 
     ids: torch.Tensor
@@ -55,6 +56,7 @@ class Assembled:
     keys: torch.Tensor
     values: torch.Tensor
     passage_offsets: tuple[int, ...]
+    passage_of: torch.Tensor
 
     @property
     def num_tokens(self) -> int:

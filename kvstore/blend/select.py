@@ -1,32 +1,56 @@
 """Ranking reused tokens by KV deviation and choosing which to recompute.
 
-A reused token's deviation at a layer is the squared distance between its
-reused K/V and the K/V computed afresh in the new context, summed over kv
-heads and head dimensions of both K and V. The tokens whose KV deviates most
-are the ones whose cross-passage attention the reuse missed; recomputing
-them repairs most of the damage (CacheBlend, EuroSys'25).
+A reused token's deviation at a layer measures how far its reused K/V lie
+from the K/V computed afresh in the new context. The tokens whose KV deviates
+most are the ones whose cross-passage attention the reuse missed;
+recomputing them repairs most of the damage (CacheBlend, EuroSys'25).
+
+Measures (``BlendConfig.deviation``):
+
+- ``"kv"``: ``sum((K - K')^2) + sum((V - V')^2)`` over kv heads and dims.
+- ``"k"`` / ``"v"``: the K or the V term alone.
+- ``"kv_head_norm"``: each kv head's K and V squared distances divided by
+  their mean over the tokens being ranked, then summed, so no single head or
+  the K/V scale difference dominates the ranking.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
 from kvstore.errors import InvalidInput
 
+Deviation = Literal["kv", "k", "v", "kv_head_norm"]
+DEVIATIONS: tuple[str, ...] = ("kv", "k", "v", "kv_head_norm")
+
 
 def kv_deviation(
-    fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor
+    fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor, measure: str = "kv"
 ) -> torch.Tensor:
-    """Per-token ``sum((K - K')^2) + sum((V - V')^2)`` over heads and dims; inputs ``[1, kv_heads, n, d]``.
+    """Per-token deviation of fresh vs reused K/V (inputs ``[1, kv_heads, n, d]``) by ``measure`` (see module doc).
 
     Returns:
         float32 ``[n]``.
+
+    Raises:
+        InvalidInput: shapes differ, or an unknown measure.
     """
     if fresh_k.shape != old_k.shape or fresh_v.shape != old_v.shape:
         raise InvalidInput(f"deviation of shapes {tuple(fresh_k.shape)} vs {tuple(old_k.shape)}")
-    dk = (fresh_k.float() - old_k.float()).square().sum(dim=(0, 1, 3))
-    dv = (fresh_v.float() - old_v.float()).square().sum(dim=(0, 1, 3))
-    return dk + dv
+    if measure not in DEVIATIONS:
+        raise InvalidInput(f"deviation measure must be one of {DEVIATIONS}, got {measure!r}")
+    dk = (fresh_k.float() - old_k.float()).square().sum(dim=(0, 3))  # [kv_heads, n]
+    dv = (fresh_v.float() - old_v.float()).square().sum(dim=(0, 3))
+    if measure == "k":
+        return dk.sum(0)
+    if measure == "v":
+        return dv.sum(0)
+    if measure == "kv_head_norm":
+        eps = torch.finfo(torch.float32).tiny
+        return (dk / dk.mean(1, keepdim=True).clamp_min(eps) + dv / dv.mean(1, keepdim=True).clamp_min(eps)).sum(0)
+    return dk.sum(0) + dv.sum(0)
 
 
 def keep_count(ratio: float, reused_total: int) -> int:
@@ -50,4 +74,25 @@ def select_tokens(deviation: torch.Tensor, candidates: torch.Tensor, forced: tor
         score = torch.where(candidates, deviation.float(), torch.full_like(deviation, -1.0, dtype=torch.float32))
         top = torch.topk(score, keep, sorted=False).indices
         chosen[top] = True
+    return torch.nonzero(chosen, as_tuple=False).reshape(-1)
+
+
+def select_per_group(
+    deviation: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor, groups: torch.Tensor,
+    sizes: torch.Tensor, ratio: float,
+) -> torch.Tensor:
+    """Like :func:`select_tokens`, but the top ``ratio`` of each group (passage) separately.
+
+    Args:
+        groups: int ``[n]``: the group of each computed token (-1: none).
+        sizes: int ``[groups]``: each group's full size; a group keeps
+            ``keep_count(ratio, size)`` of its candidates, so every passage
+            keeps the same share however many of its tokens are still candidates.
+    """
+    chosen = forced.clone()
+    for g in torch.unique(groups[candidates]).tolist():
+        member = candidates & (groups == g)
+        keep = keep_count(ratio, int(sizes[g]))
+        local = select_tokens(deviation, member, torch.zeros_like(forced), keep)
+        chosen[local] = True
     return torch.nonzero(chosen, as_tuple=False).reshape(-1)

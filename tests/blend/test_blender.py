@@ -84,6 +84,26 @@ def test_uncached_tokens_always_recomputed(rag: tuple[list[object], list[int]]) 
     assert ending.recomputed[-1].item() == len(ending.ids) - 1
 
 
+def test_selection_options_on_a_real_prompt(rag: tuple[list[object], list[int]]) -> None:
+    lm = require_model()
+    segs, _ = rag
+    lengths = [len(p) for p in segs[1:-1]]  # type: ignore[arg-type]
+    starts = [len(segs[0]) + sum(lengths[:n]) for n in range(len(lengths))]  # type: ignore[arg-type]
+    sinks = Blender(lm.model, BlendConfig(ratio=0.1, sink_tokens=3)).blend(segs)  # type: ignore[arg-type]
+    chosen = set(sinks.recomputed.tolist())
+    assert all(s + j in chosen for s in starts for j in range(3))  # every passage's opening, always
+    n_reused = int(sinks.reused.sum())
+    assert int(sinks.reused[sinks.recomputed].sum()) == 3 * len(starts) + keep_count(0.1, n_reused)
+    per = Blender(lm.model, BlendConfig(ratio=0.2, per_passage=True, deviation="k")).blend(segs)  # type: ignore[arg-type]
+    rec = per.recomputed
+    for s, n in zip(starts, lengths):
+        assert int(((rec >= s) & (rec < s + n)).sum()) == keep_count(0.2, n)
+    for measure in ("v", "kv_head_norm"):  # the other rankings keep the same share
+        r = Blender(lm.model, BlendConfig(ratio=0.2, deviation=measure)).blend(segs)  # type: ignore[arg-type]
+        assert int(r.reused[r.recomputed].sum()) == keep_count(0.2, n_reused)
+        assert torch.isfinite(r.logits).all()
+
+
 def test_ratio_015_beats_full_reuse_on_a_real_prompt(rag: tuple[list[object], list[int]]) -> None:
     lm = require_model()
     segs, answer = rag
