@@ -89,6 +89,13 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], load: b
         sv = which.add_parser("service", help="the daemon's data plane and client against raw sockets")
         service_bench.add_arguments(sv)
         sv.set_defaults(bench_run=service_bench.run)
+    from kvstore.benchmarks import ttft as ttft_bench
+
+    tt = which.add_parser(
+        "ttft", help="time to first token on the real model: a cached prefix (CPU, disk, daemon) vs full prefill"
+    )
+    ttft_bench.add_arguments(tt)
+    tt.set_defaults(bench_run=ttft_bench.run)
     from kvstore.benchmarks import blend as blend_bench
 
     bl = which.add_parser(

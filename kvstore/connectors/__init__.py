@@ -1,6 +1,7 @@
 """Engine connectors: adapters between inference engines and kvstore.
 
-- ``hf``: prefix reuse for a HuggingFace transformers causal LM;
+- ``hf``: prefix reuse for a HuggingFace transformers causal LM (prefill only what is
+  not cached; store new chunks, decode-phase KV included, in the background);
 - ``vllm``: kvstore as a vLLM v1 KV connector (``kv_connector_module_path``);
 - ``sglang``: kvstore as an SGLang HiCache storage backend;
 - ``paged``: gather (pages -> chunk) and scatter (chunk -> pages) between an
