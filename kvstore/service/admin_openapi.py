@@ -77,7 +77,8 @@ def _request_schemas() -> JSON:
         "pp_size",
         "chunk_tokens",
     )
-    spec = {**dict.fromkeys(strings, _STR), **dict.fromkeys(ints, _INT)}
+    spec = {**dict.fromkeys(strings, _STR), **dict.fromkeys(ints, {**_INT, "minimum": 1})}
+    spec.update(tp_rank={**_INT, "minimum": 0}, pp_rank={**_INT, "minimum": 0})  # what the server accepts
     move = {"from": _STR, "to": _STR}
     return {
         "NamespaceSpec": _obj(["model", "num_layers", "num_kv_heads", "head_dim"], tenant=_STR, **spec),

@@ -1,0 +1,1 @@
+"""Hardening and resilience suite: crashes, dependency faults, corruption, hostile input, isolation, soak."""
