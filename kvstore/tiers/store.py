@@ -103,11 +103,8 @@ class TieredStore:
 
     # -- namespaces ------------------------------------------------------------------------
     def register_namespace(self, ns: Namespace) -> NamespaceId:
-        """Make a namespace usable; idempotent. Returns its id.
-
-        With a catalog, a new namespace is also recorded there so that it is known again
-        after a restart; a catalog that cannot be written (a full disk) is logged and the
-        namespace is still usable in this process.
+        """Make a namespace usable (idempotent; returns its id) and record a new one in the
+        catalog, if any, so it is known after a restart; an unwritable catalog is logged only.
 
         Raises:
             CapacityError: the catalog is full (the namespace is not registered).
