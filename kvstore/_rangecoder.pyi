@@ -1,13 +1,17 @@
-"""Type stub of the CacheGen C coder (kvstore/native/rangecoder.c; docs/codecs_cachegen.md).
+"""Type stub of the CacheGen C coder (kvstore/native/rangecoder.c; docs/codecs.md, cachegen).
 
 Buffers are bytes-like objects (bytes, memoryview, numpy arrays); every error is a ValueError.
-``dtype`` codes: 0 bfloat16, 1 float16, 2 float32.
+``dtype`` codes: 0 bfloat16, 1 float16, 2 float32. ``targets``: ``2 * slabs * channels`` float64,
+``a`` then ``b`` (a channel's step target is ``sigma_slab * a + b``); ``rnd256``: the rounding
+offset in 1/256 (0..128; 128 rounds to nearest). ``rope``: rotates (``rotate``) or un-rotates the
+pairs ``(d, d + head_dim/2)`` of every K slab (even slabs when ``kv_factor`` is 2) of tokens
+``exact..`` by a ``[tokens][head_dim/2][2]`` float32 (cos, sin) table; other slabs are copied.
 """
 
 from typing_extensions import Buffer
 
 def quant_params(
-    src: Buffer, dtype: int, slabs: int, tokens: int, channels: int, exact: int, bins: Buffer
+    src: Buffer, dtype: int, slabs: int, tokens: int, channels: int, exact: int, targets: Buffer
 ) -> bytes: ...
 def quantize(
     src: Buffer,
@@ -17,6 +21,7 @@ def quantize(
     channels: int,
     exact: int,
     qparams: Buffer,
+    rnd256: int,
     plo: Buffer | None,
     pn: Buffer | None,
 ) -> tuple[bytes, bytes, bytes, bytes]: ...
@@ -65,4 +70,18 @@ def decode_chunk(
     qparams: Buffer,
     dtype: int,
     out: Buffer,
+) -> None: ...
+def rope(
+    src: Buffer,
+    src_dtype: int,
+    dst: Buffer,
+    dst_dtype: int,
+    slabs: int,
+    tokens: int,
+    exact: int,
+    heads: int,
+    head_dim: int,
+    kv_factor: int,
+    table: Buffer,
+    rotate: bool,
 ) -> None: ...

@@ -1,10 +1,11 @@
 """Measure cachegen on real SmolLM2-135M KV: size ratio, quality and CPU throughput.
 
-``python3 -m kvstore.codecs.cachegen_bench [--prompts 4] [--levels 0,1,2,3] [--json]``
+``python3 -m kvstore.codecs.cachegen_bench [--prompts 4] [--levels 0,1,2,3] [--uncalibrated] [--json]``
 
 Prompts: Python-docs passages and ShareGPT chats (``kvstore.models.prompts``)
-of ``context + continuation`` tokens; the profile is built from other prompts
-(another seed) than the ones measured. Ratios are against the chunk stored as
+of ``context + continuation`` tokens (seed 1); the profile and the sensitivity
+calibration (``cachegen_calibrate``) use other prompts (seed 2) than the ones
+measured. Ratios are against the chunk stored as
 bfloat16; quality (``kvstore.quality``) is against the model's own float32 KV,
 next to the plain bfloat16 round trip as the baseline of the same run.
 Throughput is single-threaded (the C coder never spawns threads), best of a
@@ -23,9 +24,10 @@ import numpy as np
 import torch
 
 from kvstore.buffers import U8
-from kvstore.codecs.base import ChunkLayout
+from kvstore.codecs.base import ChunkLayout, CodecParams
 from kvstore.codecs.cachegen import CachegenCodec
-from kvstore.codecs.cachegen_params import CachegenParams
+from kvstore.codecs.cachegen_calibrate import calibrate, rope_theta_of
+from kvstore.codecs.cachegen_params import F64, CachegenParams
 from kvstore.codecs.cachegen_profile import CachegenProfile, build_profile
 from kvstore.models.kv import cache_to_chunk
 from kvstore.models.prompts import chat_token_ids, sample_conversations, sample_passages
@@ -121,11 +123,26 @@ def throughput(codec: CachegenCodec, raw: U8, layout: ChunkLayout, repeat: int =
     return layout.nbytes / enc / 1e6, layout.nbytes / dec / 1e6
 
 
-def make_profile(kvs: Sequence[torch.Tensor], spec: KVSpec, level: int) -> CachegenProfile:
-    params = CachegenParams(level=level)
+def make_profile(
+    kvs: Sequence[torch.Tensor],
+    spec: KVSpec,
+    level: int,
+    sensitivity: F64 | None = None,
+    rope_theta: float = 0.0,
+) -> CachegenProfile:
+    """A profile for ``level`` from 256-token chunks of ``kvs`` (with ``sensitivity``: calibrated steps;
+    with ``rope_theta``: for codecs that un-rotate keys)."""
+    params = CachegenParams(level=level, rope_theta=rope_theta)
     chunks = [raw for kv in kvs for raw in to_chunks(kv, 256)]
     samples = [(raw, ChunkLayout(spec, raw.size // spec.bytes_per_token)) for raw in chunks]
-    return build_profile(samples, params)
+    return build_profile(samples, params, sensitivity=sensitivity)
+
+
+def calibration_prompts(
+    loaded: LoadedModel, count: int, context: int, continuation: int, seed: int = 2
+) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) pairs for :func:`calibrate` and the profile (never the measured prompts)."""
+    return [(ids[:context], ids[context:]) for ids in prompt_ids(loaded, count, context + continuation, seed)]
 
 
 def mean_report(reports: Sequence[QualityReport]) -> dict[str, float]:
@@ -138,11 +155,22 @@ def mean_report(reports: Sequence[QualityReport]) -> dict[str, float]:
 
 
 def measure_level(
-    level: int, harnesses: Sequence[QualityHarness], calib: Sequence[torch.Tensor], spec: KVSpec
+    level: int,
+    harnesses: Sequence[QualityHarness],
+    calib: Sequence[torch.Tensor],
+    spec: KVSpec,
+    sensitivity: F64 | None = None,
+    rope_theta: float = 0.0,
 ) -> LevelResult:
-    codec = CachegenCodec({"level": level})
-    profile = make_profile(calib, spec, level)
-    with_profile = CachegenCodec({"level": level, "profile": profile.digest}, profiles=[profile])
+    """One level's sizes, quality and speed; with a ``sensitivity`` every figure uses calibrated steps
+    (``ratio_2048``, ``ratio_256``: inline tables only; ``ratio_256_profile``: the profile's tables)."""
+    profile = make_profile(calib, spec, level, sensitivity, rope_theta)
+    base: CodecParams = {"level": level, "rope_theta": rope_theta, "profile": profile.digest}
+    with_profile = CachegenCodec(base, profiles=[profile])
+    if sensitivity is None:
+        codec = CachegenCodec({"level": level, "rope_theta": rope_theta})
+    else:
+        codec = CachegenCodec({**base, "profile_tables": False}, profiles=[profile])
     kvs = [h.reference_kv for h in harnesses]
     q = mean_report([h.evaluate(roundtrip(codec, spec, 2048)) for h in harnesses])
     raw = to_chunks(kvs[0], 2048)[0]
@@ -167,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--levels", default="0,1,2,3")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--continuation", type=int, default=256)
+    ap.add_argument("--calibration", type=int, default=4, help="prompts of the profile and sensitivity")
+    ap.add_argument("--draws", type=int, default=2, help="sampled target sets per calibration prompt")
+    ap.add_argument("--uncalibrated", action="store_true", help="steps relative to each slab's spread")
+    ap.add_argument("--no-rope", action="store_true", help="code keys as they are (rope_theta 0)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     loaded = load_smollm2("bfloat16", num_threads=2)
@@ -176,13 +208,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         QualityHarness(loaded, ids[: args.context], ids[args.context :])
         for ids in prompt_ids(loaded, args.prompts, total, seed=1)
     ]
-    calib = [prefill_kv(loaded, ids) for ids in prompt_ids(loaded, 4, args.context, seed=2)]
+    pairs = calibration_prompts(loaded, args.calibration, args.context, args.continuation)
+    sensitivity = None if args.uncalibrated else calibrate(loaded, pairs, draws=args.draws)
+    theta = 0.0 if args.no_rope else rope_theta_of(loaded)
+    calib = [prefill_kv(loaded, context) for context, _ in pairs]
     base = mean_report([h.evaluate(lambda kv: kv.to(torch.bfloat16).float()) for h in harnesses])
-    results = [measure_level(int(lv), harnesses, calib, spec) for lv in args.levels.split(",")]
+    levels = [int(lv) for lv in args.levels.split(",")]
+    results = [measure_level(lv, harnesses, calib, spec, sensitivity, theta) for lv in levels]
+    setup = {"calibrated": sensitivity is not None, "rope_theta": theta}
     if args.json:
-        print(json.dumps({"bf16": base, "levels": [_asdict(r) for r in results]}))
+        print(json.dumps({"bf16": base, **setup, "levels": [_asdict(r) for r in results]}))
         return 0
-    print(f"bf16 baseline: {base}")
+    print(f"bf16 baseline: {base}; {setup}")
     for r in results:
         print(
             f"level {r.level}: x{r.ratio_2048:.2f} @2048, x{r.ratio_256:.2f} @256, "

@@ -31,7 +31,8 @@ import numpy as np
 import zstandard
 
 from kvstore.buffers import U8, as_u8
-from kvstore.codecs.cachegen_params import F64, NUM_SYMBOLS, Geometry
+from kvstore.codecs import cachegen_rope as rope
+from kvstore.codecs.cachegen_params import NUM_SYMBOLS, Geometry, QuantPlan
 from kvstore.codecs.container import SectionData
 from kvstore.errors import CodecError, InvalidInput
 
@@ -76,7 +77,7 @@ class Quantized:
     freq: bytes
 
 
-def quantize_chunk(raw: Buffer, g: Geometry, bins: F64, profile: ProfileTables) -> Quantized:
+def quantize_chunk(raw: Buffer, g: Geometry, plan: QuantPlan, profile: ProfileTables) -> Quantized:
     """Means, steps, symbols and tables of a chunk (tables defer to ``profile`` where it covers them).
 
     Raises:
@@ -85,8 +86,11 @@ def quantize_chunk(raw: Buffer, g: Geometry, bins: F64, profile: ProfileTables) 
     rc = rangecoder()
     plo, pn = (profile[0], profile[1]) if profile else (None, None)
     try:
-        qp = rc.quant_params(raw, g.dtype_code, g.slabs, g.tokens, g.channels, g.exact, bins.tobytes())
-        sym, lo, n, freq = rc.quantize(raw, g.dtype_code, g.slabs, g.tokens, g.channels, g.exact, qp, plo, pn)
+        qp = rc.quant_params(
+            raw, g.dtype_code, g.slabs, g.tokens, g.channels, g.exact, plan.targets.tobytes()
+        )
+        geo = (g.dtype_code, g.slabs, g.tokens, g.channels, g.exact)
+        sym, lo, n, freq = rc.quantize(raw, *geo, qp, plan.rounding, plo, pn)
     except ValueError as exc:
         raise InvalidInput(f"cachegen cannot encode this chunk: {exc}") from None
     return Quantized(qp, sym, lo, n, freq)
@@ -99,14 +103,18 @@ def exact_rows(raw: U8, g: Geometry) -> U8:
 
 
 def encode_sections(
-    raw: U8, g: Geometry, group: int, bins: F64, profile: ProfileTables
+    raw: U8, g: Geometry, group: int, plan: QuantPlan, profile: ProfileTables, rope_theta: float = 0.0
 ) -> list[tuple[str, SectionData]]:
-    """Every section of a chunk, in :data:`SECTION_NAMES` order.
+    """Every section of a chunk, in :data:`SECTION_NAMES` order (keys un-rotated first when
+    ``rope_theta`` applies, see :mod:`cachegen_rope`).
 
     Raises:
         InvalidInput: the chunk's values cannot be encoded (see :func:`quantize_chunk`).
     """
-    q = quantize_chunk(raw, g, bins, profile)
+    if rope.applies(g, rope_theta):
+        q = quantize_chunk(rope.unrotated(raw, g, rope_theta), g.as_float32(), plan, profile)
+    else:
+        q = quantize_chunk(raw, g, plan, profile)
     p = profile or (None, None, None)
     try:
         offsets, streams = rangecoder().encode_streams(
@@ -166,7 +174,12 @@ def open_sections(
 
 
 def decode_sections(
-    sections: Mapping[str, memoryview], g: Geometry, group: int, profile: ProfileTables, target: U8
+    sections: Mapping[str, memoryview],
+    g: Geometry,
+    group: int,
+    profile: ProfileTables,
+    target: U8,
+    rope_theta: float = 0.0,
 ) -> None:
     """Decode a chunk's sections into ``target`` (exactly the chunk's bytes).
 
@@ -175,6 +188,8 @@ def decode_sections(
     """
     s = open_sections(sections, g, group)
     p = profile or (None, None, None)
+    rotated = rope.applies(g, rope_theta)
+    values = np.empty(g.slabs * g.tokens * g.channels * 4, np.uint8) if rotated else target
     try:
         rangecoder().decode_chunk(
             s["streams"],
@@ -189,11 +204,13 @@ def decode_sections(
             s["tab_freq"],
             *p,
             s["qparams"],
-            g.dtype_code,
-            target,
+            2 if rotated else g.dtype_code,
+            values,
         )
     except ValueError as exc:
         raise CodecError(f"cachegen: {exc}") from None
+    if rotated:
+        rope.rotate_into(values, target, g, rope_theta)
     if g.exact:
         rows = target.reshape(g.slabs, g.tokens, g.channels * g.itemsize)
         rows[:, : g.exact] = np.frombuffer(s["exact"], np.uint8).reshape(g.slabs, g.exact, -1)

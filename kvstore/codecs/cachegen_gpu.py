@@ -23,6 +23,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 
 from kvstore.buffers import U8
+from kvstore.codecs import cachegen_rope as rope
 from kvstore.codecs.base import ChunkLayout
 from kvstore.codecs.cachegen import CachegenCodec
 from kvstore.codecs.cachegen_checks import check_qparams, stream_ends, table_offsets
@@ -30,10 +31,9 @@ from kvstore.codecs.cachegen_coder import SECTION_NAMES, ProfileTables, open_sec
 from kvstore.codecs.cachegen_params import (
     CONTAINER_KEYS,
     DTYPE_CODES,
-    F64,
     CachegenParams,
     Geometry,
-    slab_bins,
+    QuantPlan,
 )
 from kvstore.codecs.container import Container, SectionData, output_bytes, pack, unpack_for
 from kvstore.errors import CodecError, InvalidInput
@@ -50,13 +50,14 @@ KERNEL_SOURCE: Final = Path(__file__).with_name("kernels") / "cachegen.cu"
 SIGNATURES: Final[dict[str, str]] = {
     "cg_stats": "piqqqqppppp",
     "cg_params": "pppppqqqqpp",
-    "cg_quantize": "piqqqqpp",
+    "cg_quantize": "piqqqqpip",
     "cg_tables": "pqqqipppppp",
     "cg_compact_freq": "pppqp",
     "cg_build_cum": "ppppippppqpppp",
     "cg_encode": "pqqqqppppppp",
     "cg_gather": "ppppqp",
     "cg_decode": "ppqqqqqppppipipp",
+    "cg_rope": "pipiqqqqqipi",
 }
 _ERRORS: Final = {1: "KV holds NaN or infinite values", 2: "KV values too large for cachegen steps"}
 
@@ -169,13 +170,22 @@ class GpuCoder:
         """
         if int(raw.size) != layout.nbytes or layout.spec.dtype not in DTYPE_CODES:
             raise InvalidInput("cachegen on a GPU needs layout.nbytes bytes of float32/float16/bfloat16 KV")
-        p = self.codec.config
-        g = Geometry.of(layout, p.exact_tokens)
-        profile = self._profile(p.profile, g, p, InvalidInput)
+        setup = self.codec.setup(layout)
+        if setup.tables is not None:
+            table_offsets(*setup.tables, setup.geometry.num_channels, allow_profile=False)
         src = self.b.upload(raw) if isinstance(raw, np.ndarray) else raw
-        return pack(
-            self.codec.name, p.as_dict(), layout, self._sections(src, g, p.group, slab_bins(g, p), profile)
-        )
+        p = self.codec.config
+        sections = self._sections(src, setup.geometry, p.group, setup.plan, setup.tables, p.rope_theta)
+        return pack(self.codec.name, setup.params, layout, sections)
+
+    def _rope(
+        self, src: Array, src_dtype: int, dst: Array, dst_dtype: int, g: Geometry, theta: float, rotate: int
+    ) -> None:
+        """``cg_rope``: (un)rotate the K slabs of tokens ``g.exact..`` from ``src`` into ``dst``."""
+        table = self.b.upload(np.frombuffer(rope.rope_table(g.tokens, g.head_dim, theta), np.float32))
+        items = g.slabs * g.tokens_q * g.heads * (g.head_dim // 2)
+        geo = (g.slabs, g.tokens, g.exact, g.heads, g.head_dim, g.kv_factor)
+        self.b.launch("cg_rope", items, src, src_dtype, dst, dst_dtype, *geo, table, rotate)
 
     def _check(self, bad: Array, error: type[Exception]) -> None:
         code = int(self.b.download(bad)[0])
@@ -184,7 +194,7 @@ class GpuCoder:
                 f"cachegen cannot encode this chunk: {_ERRORS.get(code, 'a symbol outside its table')}"
             )
 
-    def _quantize(self, src: Array, g: Geometry, bins: F64) -> tuple[Array, Array]:
+    def _quantize(self, src: Array, g: Geometry, plan: QuantPlan) -> tuple[Array, Array]:
         """(qparams, symbols) on the device."""
         b, nch = self.b, g.num_channels
         sums, sumsq = b.empty(nch, np.float64), b.empty(nch, np.float64)
@@ -192,10 +202,10 @@ class GpuCoder:
         geo = (g.slabs, g.tokens, g.channels, g.exact)
         b.launch("cg_stats", nch, src, g.dtype_code, *geo, sums, sumsq, mn, mx, bad)
         qparams = b.empty(2 * nch, np.uint16)
-        b.launch("cg_params", g.slabs, sums, sumsq, mn, mx, b.upload(bins), *geo, qparams, bad)
+        b.launch("cg_params", g.slabs, sums, sumsq, mn, mx, b.upload(plan.targets), *geo, qparams, bad)
         self._check(bad, InvalidInput)
         sym = b.empty(nch * g.tokens_q, np.uint8)
-        b.launch("cg_quantize", nch * g.tokens_q, src, g.dtype_code, *geo, qparams, sym)
+        b.launch("cg_quantize", nch * g.tokens_q, src, g.dtype_code, *geo, qparams, plan.rounding, sym)
         return qparams, sym
 
     def _tables(self, sym: Array, g: Geometry, prof: ProfileArrays) -> tuple[list[Array], np.ndarray, Cum]:
@@ -239,10 +249,15 @@ class GpuCoder:
         return ends, b.download(data)[: int(ends[-1])].tobytes()
 
     def _sections(
-        self, src: Array, g: Geometry, group: int, bins: F64, profile: ProfileTables
+        self, src: Array, g: Geometry, group: int, plan: QuantPlan, profile: ProfileTables, theta: float
     ) -> list[tuple[str, SectionData]]:
         b = self.b
-        qparams, sym = self._quantize(src, g, bins)
+        if rope.applies(g, theta):
+            values = b.empty(g.slabs * g.tokens * g.channels * 4, np.uint8)
+            self._rope(src, g.dtype_code, values, 2, g, theta, 0)
+            qparams, sym = self._quantize(values, g.as_float32(), plan)
+        else:
+            qparams, sym = self._quantize(src, g, plan)
         (lo, n, freq), counts, cum = self._tables(sym, g, self._profile_arrays(profile, g.num_channels))
         ends, data = self._streams(sym, g, group, cum)
         rows = src.reshape(g.slabs, g.tokens, g.channels * g.itemsize)[:, : g.exact]
@@ -253,14 +268,16 @@ class GpuCoder:
 
     def _container(
         self, container: bytes | memoryview | U8
-    ) -> tuple[Container, Geometry, int, ProfileTables]:
-        """(container, geometry, group, profile tables) of a container this codec wrote."""
+    ) -> tuple[Container, Geometry, int, ProfileTables, float]:
+        """(container, geometry, group, profile tables, rope theta) of a container this codec wrote."""
         c = unpack_for(container, self.codec.name)
-        p = CachegenParams.parse(c.params, CodecError, CONTAINER_KEYS)
+        p = CachegenParams.parse(c.params, CodecError, CONTAINER_KEYS, default_format=1)
         if c.dtype not in DTYPE_CODES or tuple(s.name for s in c.sections) != SECTION_NAMES:
             raise CodecError("not a container cachegen writes (dtype or sections)")
         g = Geometry.of(c.layout, p.exact_tokens)
-        return c, g, p.group, self._profile(p.profile, g, None, CodecError)
+        if p.rope_theta and (g.kv_factor != 2 or g.head_dim % 2):
+            raise CodecError("cachegen container rotates keys of a layout without them (rope_theta)")
+        return c, g, p.group, self._profile(p.profile, g, None, CodecError), p.rope_theta
 
     def decode_into(self, container: bytes | memoryview | U8, out: U8 | Array) -> ChunkLayout:
         """Decode into ``out`` (a flat uint8 host or device array of at least the chunk's bytes).
@@ -269,7 +286,7 @@ class GpuCoder:
             CodecError: malformed, corrupt, not cachegen, or a profile is missing.
             InvalidInput: ``out`` is too small.
         """
-        c, g, group, profile = self._container(container)
+        c, g, group, profile, theta = self._container(container)
         if isinstance(out, np.ndarray):
             host_out: U8 | None = output_bytes(out, c.layout)
             device_out = self.b.empty(c.layout.nbytes, np.uint8)
@@ -279,9 +296,13 @@ class GpuCoder:
             host_out, device_out = None, out
         s = open_sections({name: c.section(name) for name in SECTION_NAMES}, g, group)
         check_qparams(s["qparams"], g.num_channels)
-        self._run_decoder(
-            s, g, group, profile, self.b.upload(np.frombuffer(s["qparams"], "<u2")), device_out, None
-        )
+        qparams = self.b.upload(np.frombuffer(s["qparams"], "<u2"))
+        if rope.applies(g, theta):
+            values = self.b.empty(g.slabs * g.tokens * g.channels * 4, np.uint8)
+            self._run_decoder(s, g.as_float32(), group, profile, qparams, values, None)
+            self._rope(values, 2, device_out, g.dtype_code, g, theta, 1)
+        else:
+            self._run_decoder(s, g, group, profile, qparams, device_out, None)
         if g.exact:
             rows = device_out[: c.layout.nbytes].reshape(g.slabs, g.tokens, -1)
             rows[:, : g.exact] = self.b.upload(
@@ -297,7 +318,7 @@ class GpuCoder:
         Raises:
             CodecError: as :meth:`decode_into`.
         """
-        c, g, group, profile = self._container(container)
+        c, g, group, profile, _ = self._container(container)
         s = open_sections({name: c.section(name) for name in SECTION_NAMES}, g, group)
         sym = self.b.empty(g.num_channels * g.tokens_q, np.uint8)
         self._run_decoder(s, g, group, profile, self.b.empty(2, np.uint16), self.b.empty(1, np.uint8), sym)

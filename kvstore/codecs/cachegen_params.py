@@ -15,7 +15,7 @@ layers get up to ``layer_ramp`` times more bins (finer steps), as in CacheGen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import numpy as np
@@ -30,12 +30,22 @@ MAX_GROUP: Final = 4096
 
 #: level -> bins per sigma of a slab (step = sigma / bins); higher levels are smaller and coarser
 LEVEL_BINS: Final[dict[int, float]] = {0: 4.0, 1: 3.0, 2: 2.0, 3: 1.4, 4: 1.1}
+#: level -> step scale with a calibrated sensitivity (step = lambda / sqrt(sensitivity))
+LEVEL_LAMBDA: Final[dict[int, float]] = {0: 2.76e-5, 1: 3.55e-5, 2: 4.33e-5, 3: 6.0e-5, 4: 7.7e-5}
+#: level -> rounding offset in 1/256 (128: round to nearest; less: a deadzone around zero)
+LEVEL_ROUNDING: Final[dict[int, int]] = {0: 128, 1: 128, 2: 128, 3: 128, 4: 128}
 DEFAULT_LEVEL: Final = 1
 #: the coder's dtype codes (kvstore/native/rangecoder.c)
 DTYPE_CODES: Final[dict[str, int]] = {"bfloat16": 0, "float16": 1, "float32": 2}
-#: keys a container's params hold; ``profile_dir`` is local configuration and never stored
-CONTAINER_KEYS: Final = frozenset({"level", "exact_tokens", "group", "layer_ramp", "profile"})
-CONFIG_KEYS: Final = CONTAINER_KEYS | {"profile_dir"}
+#: keys a container's params hold; ``profile_dir`` and ``profile_tables`` are local encoder
+#: configuration and never stored
+CONTAINER_KEYS: Final = frozenset(
+    {"format", "level", "exact_tokens", "group", "layer_ramp", "profile", "rope_theta"}
+)
+#: container format: 1 (no ``format`` key) never rotates keys; 2 may (``rope_theta``)
+FORMAT: Final = 2
+MAX_ROPE_THETA: Final = 1e12
+CONFIG_KEYS: Final = CONTAINER_KEYS | {"profile_dir", "profile_tables"}
 
 F64 = npt.NDArray[np.float64]
 
@@ -67,7 +77,8 @@ class CachegenParams:
 
     Invariants: ``level`` is a key of :data:`LEVEL_BINS`; ``0 <= exact_tokens``;
     ``1 <= group <= MAX_GROUP``; ``1 <= layer_ramp <= 8``; ``profile`` is ""
-    (none) or a 32-hex-digit profile digest.
+    (none) or a 32-hex-digit profile digest; ``rope_theta`` is 0 (keys coded as they are) or
+    in ``(1, MAX_ROPE_THETA]`` (keys un-rotated by that RoPE base before quantizing).
     """
 
     level: int = DEFAULT_LEVEL
@@ -75,10 +86,14 @@ class CachegenParams:
     group: int = 32
     layer_ramp: float = 1.0
     profile: str = ""
+    rope_theta: float = 0.0
 
     @classmethod
-    def parse(cls, params: CodecParams, error: type[Exception], keys: frozenset[str]) -> CachegenParams:
-        """Check ``params`` (missing keys take defaults) against the allowed ``keys``.
+    def parse(
+        cls, params: CodecParams, error: type[Exception], keys: frozenset[str], default_format: int = FORMAT
+    ) -> CachegenParams:
+        """Check ``params`` (missing keys take defaults) against the allowed ``keys``; a container
+        without ``format`` (``default_format=1`` when parsing one) is of format 1.
 
         Raises:
             error: an unknown key, or a value of the wrong type or out of range.
@@ -89,6 +104,13 @@ class CachegenParams:
         level = _int(params, "level", DEFAULT_LEVEL, error)
         exact, group = _int(params, "exact_tokens", 1, error), _int(params, "group", 32, error)
         ramp, profile = _float(params, "layer_ramp", 1.0, error), _str(params, "profile", error)
+        rope, fmt = _float(params, "rope_theta", 0.0, error), _int(params, "format", default_format, error)
+        if fmt not in (1, FORMAT) or (fmt == 1 and rope):
+            raise error(
+                f"cachegen container format {fmt} (with rope_theta {rope}) is not one this version reads"
+            )
+        if rope and not 1.0 < rope <= MAX_ROPE_THETA:
+            raise error(f"cachegen rope_theta must be 0 or in (1, {MAX_ROPE_THETA:g}], got {rope}")
         if level not in LEVEL_BINS:
             raise error(f"cachegen level must be one of {sorted(LEVEL_BINS)}, got {level}")
         if not 0 <= exact <= 1 << 24 or not 1 <= group <= MAX_GROUP:
@@ -97,15 +119,17 @@ class CachegenParams:
             raise error(f"cachegen layer_ramp must be in [1, 8], got {ramp}")
         if profile and (len(profile) != 32 or any(ch not in "0123456789abcdef" for ch in profile)):
             raise error(f"cachegen profile must be a 32-hex-digit digest, got {profile!r}")
-        return cls(level, exact, group, ramp, profile)
+        return cls(level, exact, group, ramp, profile, rope)
 
     def as_dict(self) -> dict[str, int | float | str | bool]:
         return {
+            "format": FORMAT,
             "level": self.level,
             "exact_tokens": self.exact_tokens,
             "group": self.group,
             "layer_ramp": self.layer_ramp,
             "profile": self.profile,
+            "rope_theta": self.rope_theta,
         }
 
 
@@ -123,6 +147,8 @@ class Geometry:
     kv_factor: int
     dtype_code: int
     itemsize: int
+    heads: int
+    head_dim: int
 
     @classmethod
     def of(cls, layout: ChunkLayout, exact_tokens: int) -> Geometry:
@@ -136,7 +162,13 @@ class Geometry:
             kv_factor=spec.kv_factor,
             dtype_code=DTYPE_CODES[spec.dtype],
             itemsize=spec.itemsize,
+            heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
         )
+
+    def as_float32(self) -> Geometry:
+        """The same chunk held as float32 (what the coder quantizes when keys are un-rotated)."""
+        return replace(self, dtype_code=DTYPE_CODES["float32"], itemsize=4)
 
     @property
     def num_channels(self) -> int:
@@ -159,3 +191,42 @@ def slab_bins(geometry: Geometry, params: CachegenParams) -> F64:
     frac = (layers - 1 - depth) / max(layers - 1, 1)
     per_layer = LEVEL_BINS[params.level] * np.power(params.layer_ramp, frac)
     return np.repeat(per_layer, geometry.kv_factor)
+
+
+@dataclass(frozen=True, slots=True)
+class QuantPlan:
+    """How the encoder quantizes a chunk: per-channel step targets and the rounding offset.
+
+    Invariants: ``targets`` holds ``2 * N`` finite non-negative doubles (``a`` then ``b``, see
+    :func:`step_targets`); ``0 <= rounding <= 128``. The decoder never needs it: the steps it
+    produces are stored in the container.
+    """
+
+    targets: F64
+    rounding: int
+
+    @classmethod
+    def of(cls, geometry: Geometry, params: CachegenParams, sensitivity: F64 | None) -> QuantPlan:
+        return cls(step_targets(geometry, params, sensitivity), LEVEL_ROUNDING[params.level])
+
+
+def step_targets(geometry: Geometry, params: CachegenParams, sensitivity: F64 | None) -> F64:
+    """The coder's step targets ``a`` then ``b`` (``N`` each): channel ``i``'s step is ``sigma * a_i + b_i``.
+
+    Without a sensitivity, ``a`` = 1 / the slab's bins and ``b`` = 0 (one step per slab, relative to
+    its spread). With one (``N`` positive numbers: how much the model's output moves per unit of
+    squared error in each channel, from :mod:`cachegen_calibrate`), ``a`` = 0 and ``b`` =
+    ``LEVEL_LAMBDA[level] / sqrt(sensitivity)``: absolute steps that give every channel the same
+    share of the predicted output error at the smallest size.
+    """
+    n = geometry.num_channels
+    if sensitivity is None:
+        a = np.repeat(1.0 / slab_bins(geometry, params), geometry.channels)
+        return np.concatenate([a, np.zeros(n)])
+    w = sensitivity.astype(np.float64)
+    if params.rope_theta and geometry.kv_factor == 2:  # a key pair's error turns with it: one step per pair
+        pairs = w.reshape(geometry.slabs // 2, 2, geometry.heads, 2, geometry.head_dim // 2)
+        pairs[:, 0] = pairs[:, 0].mean(axis=2, keepdims=True)  # K slabs: [layers][heads][half][d]
+        w = pairs.reshape(-1)
+    b = LEVEL_LAMBDA[params.level] / np.sqrt(w)
+    return np.concatenate([np.zeros(n), b])

@@ -1,17 +1,22 @@
-"""Per-model CacheGen distribution profiles: symbol tables shared by every chunk.
+"""Per-model CacheGen profiles: symbol tables shared by every chunk, and a calibrated sensitivity.
 
 A 256-token chunk has only 256 symbols per (slab, channel); carrying a table
 for each would cost a fifth of the container. A profile holds one table per
 (slab, channel) computed from sample KV of the model, stored once as a small
 msgpack blob named by its digest; chunks encoded with it reference the digest
 and carry a table only for a channel whose symbols fall outside the
-profile's range. Profiles change only the entropy coding: a chunk decodes to
-the same values with or without one.
+profile's range. The tables change only the entropy coding: a chunk decodes
+to the same values with or without them. A profile may also hold each
+channel's sensitivity (``cachegen_calibrate``): the encoder then sets every
+channel's step from it (``cachegen_params.step_targets``), which changes the
+values; decoders never need it (the steps are in the container).
 
 Blob (msgpack map, keys in this order): ``format`` ("kvstore-cachegen-profile"),
-``version`` (1), ``level``, ``layer_ramp``, ``slabs``, ``channels``, ``lo``,
+``version`` (1 or 2), ``level``, ``layer_ramp``, ``slabs``, ``channels``, ``lo``,
 ``n``, ``freq`` (bytes: u8 per table, u8 per table, u16le frequencies of the
-tables with n >= 2). Digest: the first 16 bytes of SHA-256 of the blob, hex.
+tables with n >= 2), and in version 2 ``rope_theta`` (float) and
+``sensitivity`` (float32le per table, or empty). A profile without either is
+written as version 1. Digest: the first 16 bytes of SHA-256 of the blob, hex.
 """
 
 from __future__ import annotations
@@ -27,17 +32,31 @@ import numpy as np
 import numpy.typing as npt
 
 from kvstore.buffers import U8
+from kvstore.codecs import cachegen_rope as rope
 from kvstore.codecs.base import ChunkLayout
 from kvstore.codecs.cachegen_coder import quantize_chunk, rangecoder
-from kvstore.codecs.cachegen_params import FREQ_TOTAL, NUM_SYMBOLS, QMAX, CachegenParams, Geometry, slab_bins
+from kvstore.codecs.cachegen_params import (
+    F64,
+    FREQ_TOTAL,
+    MAX_ROPE_THETA,
+    NUM_SYMBOLS,
+    QMAX,
+    CachegenParams,
+    Geometry,
+    QuantPlan,
+)
 from kvstore.codecs.cachegen_ref import normalize
 from kvstore.errors import CodecError, InvalidInput
 
 FORMAT: Final = "kvstore-cachegen-profile"
-VERSION: Final = 1
+#: version 1: tables only; version 2: tables and a per-channel sensitivity
+VERSION: Final = 2
 SUFFIX: Final = ".cgprofile"
 MAX_BLOB: Final = 64 << 20
-_KEYS: Final = ("format", "version", "level", "layer_ramp", "slabs", "channels", "lo", "n", "freq")
+_KEYS_V1: Final = ("format", "version", "level", "layer_ramp", "slabs", "channels", "lo", "n", "freq")
+_KEYS: Final = {1: _KEYS_V1, 2: (*_KEYS_V1, "rope_theta", "sensitivity")}
+#: smallest sensitivity a profile may hold (keeps every step target finite and below 1e30)
+MIN_SENSITIVITY: Final = 1e-30
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,26 +76,37 @@ class CachegenProfile:
     lo: bytes
     n: bytes
     freq: bytes
+    sensitivity_bytes: bytes = b""
+    rope_theta: float = 0.0
     digest: str = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "digest", hashlib.sha256(self.to_bytes()).digest()[:16].hex())
 
+    @property
+    def sensitivity(self) -> F64 | None:
+        """Each channel's sensitivity (float64, ``slabs * channels``), or None for a tables-only profile."""
+        if not self.sensitivity_bytes:
+            return None
+        return np.frombuffer(self.sensitivity_bytes, "<f4").astype(np.float64)
+
     def to_bytes(self) -> bytes:
-        blob: bytes = msgpack.packb(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "level": self.level,
-                "layer_ramp": self.layer_ramp,
-                "slabs": self.slabs,
-                "channels": self.channels,
-                "lo": self.lo,
-                "n": self.n,
-                "freq": self.freq,
-            },
-            use_bin_type=True,
-        )
+        v2 = bool(self.sensitivity_bytes) or self.rope_theta != 0.0
+        fields: dict[str, object] = {
+            "format": FORMAT,
+            "version": 2 if v2 else 1,
+            "level": self.level,
+            "layer_ramp": self.layer_ramp,
+            "slabs": self.slabs,
+            "channels": self.channels,
+            "lo": self.lo,
+            "n": self.n,
+            "freq": self.freq,
+        }
+        if v2:
+            fields["rope_theta"] = self.rope_theta
+            fields["sensitivity"] = self.sensitivity_bytes
+        blob: bytes = msgpack.packb(fields, use_bin_type=True)
         return blob
 
     @classmethod
@@ -93,22 +123,39 @@ class CachegenProfile:
                 strict_map_key=True,
                 max_bin_len=MAX_BLOB,
                 max_array_len=0,
-                max_map_len=len(_KEYS),
+                max_map_len=len(_KEYS[VERSION]),
                 max_ext_len=0,
             )
         except Exception as exc:  # noqa: BLE001  # msgpack raises many types on hostile bytes
             raise CodecError(f"malformed cachegen profile: {type(exc).__name__}: {exc}") from None
-        if not isinstance(d, dict) or tuple(d) != _KEYS or d["format"] != FORMAT or d["version"] != VERSION:
-            raise CodecError("not a cachegen profile of version 1")
+        version = d.get("version") if isinstance(d, dict) else None
+        if (
+            type(version) is not int
+            or version not in _KEYS
+            or tuple(d) != _KEYS[version]
+            or d["format"] != FORMAT
+        ):
+            raise CodecError(f"not a cachegen profile of version 1 or {VERSION}")
         ints = [d[k] for k in ("level", "slabs", "channels")]
-        tabs = [d[k] for k in ("lo", "n", "freq")]
+        tabs = [d[k] for k in ("lo", "n", "freq", "sensitivity") if k in d]
         if (
             any(type(v) is not int or not 0 <= v < 1 << 30 for v in ints)
             or not all(isinstance(v, bytes) for v in tabs)
             or type(d["layer_ramp"]) is not float
+            or type(d.get("rope_theta", 0.0)) is not float
         ):
             raise CodecError("cachegen profile fields have the wrong types")
-        profile = cls(d["level"], d["layer_ramp"], d["slabs"], d["channels"], *tabs)
+        profile = cls(
+            d["level"],
+            d["layer_ramp"],
+            d["slabs"],
+            d["channels"],
+            lo=d["lo"],
+            n=d["n"],
+            freq=d["freq"],
+            sensitivity_bytes=d.get("sensitivity", b""),
+            rope_theta=d.get("rope_theta", 0.0),
+        )
         check_tables(profile)
         return profile
 
@@ -127,10 +174,11 @@ class CachegenProfile:
                 f"cachegen profile {self.digest} is for {self.slabs}x{self.channels} channels, "
                 f"the chunk has {geometry.slabs}x{geometry.channels}"
             )
-        if params is not None and (self.level, self.layer_ramp) != (params.level, params.layer_ramp):
+        mine = (self.level, self.layer_ramp, self.rope_theta)
+        if params is not None and mine != (params.level, params.layer_ramp, params.rope_theta):
             raise error(
                 f"cachegen profile {self.digest} was built for level {self.level}, "
-                f"layer_ramp {self.layer_ramp}"
+                f"layer_ramp {self.layer_ramp}, rope_theta {self.rope_theta}"
             )
 
 
@@ -147,6 +195,14 @@ def check_tables(p: CachegenProfile) -> None:
     sums = np.add.reduceat(freq, np.cumsum(sizes) - sizes) if sizes.size else freq
     if (freq < 1).any() or (sums != FREQ_TOTAL).any():
         raise CodecError("cachegen profile tables have zero frequencies or do not sum to 65536")
+    if p.rope_theta and not 1.0 < p.rope_theta <= MAX_ROPE_THETA:
+        raise CodecError(f"cachegen profile rope_theta {p.rope_theta} is out of range")
+    if p.sensitivity_bytes:
+        w = np.frombuffer(p.sensitivity_bytes, np.uint8)
+        if w.size != 4 * count:
+            raise CodecError("cachegen profile sensitivity has the wrong length")
+        if not (np.isfinite(sens := w.view("<f4")).all() and (sens >= MIN_SENSITIVITY).all()):
+            raise CodecError(f"cachegen profile sensitivity must be finite and >= {MIN_SENSITIVITY}")
 
 
 def _tables(counts: npt.NDArray[np.uint64], margin: int) -> tuple[bytes, bytes, bytes]:
@@ -165,18 +221,29 @@ def _tables(counts: npt.NDArray[np.uint64], margin: int) -> tuple[bytes, bytes, 
 
 
 def build_profile(
-    samples: Iterable[tuple[U8 | bytes, ChunkLayout]], params: CachegenParams, *, margin: int = 4
+    samples: Iterable[tuple[U8 | bytes, ChunkLayout]],
+    params: CachegenParams,
+    *,
+    margin: int = 4,
+    sensitivity: F64 | None = None,
 ) -> CachegenProfile:
-    """A profile from sample chunks (any token counts) of one geometry, quantized as ``params`` says.
+    """A profile from sample chunks (any token counts) of one geometry, quantized as ``params`` says
+    (its ``level``, ``layer_ramp`` and ``rope_theta``: a codec uses it only with the same three).
 
     Args:
         samples: (raw chunk bytes, layout) pairs, e.g. the KV of a few real prompts.
         params: the level and layer ramp the profile serves (other fields are ignored).
         margin: symbols added on each side of the range seen in the samples.
+        sensitivity: per-channel sensitivities (``slabs * channels``, from
+            :func:`kvstore.codecs.cachegen_calibrate.calibrate`) that set the steps of chunks
+            encoded with this profile; None keeps the steps relative to each slab's spread.
     Raises:
-        InvalidInput: no samples, mixed geometries, unsupported dtype, or non-finite values.
+        InvalidInput: no samples, mixed geometries, unsupported dtype, non-finite values, or a
+            sensitivity of the wrong size or not finite and positive.
     """
     rc = rangecoder()
+    sens = b"" if sensitivity is None else _sensitivity_bytes(sensitivity)
+    weights = np.frombuffer(sens, "<f4").astype(np.float64) if sens else None  # as the codec will read them
     total: npt.NDArray[np.uint64] | None = None
     geometry: Geometry | None = None
     for raw, layout in samples:
@@ -184,14 +251,30 @@ def build_profile(
         if geometry is not None and (g.slabs, g.channels) != (geometry.slabs, geometry.channels):
             raise InvalidInput("cachegen profile samples must share one geometry")
         geometry = g
-        q = quantize_chunk(raw, g, slab_bins(g, params), None)
+        if weights is not None and weights.shape != (g.num_channels,):
+            raise InvalidInput(f"cachegen sensitivity needs {g.num_channels} values, got {weights.shape}")
+        plan = QuantPlan.of(g, params, weights)
+        if rope.applies(g, params.rope_theta):
+            q = quantize_chunk(rope.unrotated(raw, g, params.rope_theta), g.as_float32(), plan, None)
+        else:
+            q = quantize_chunk(raw, g, plan, None)
         hist = np.frombuffer(rc.histogram(q.symbols, g.slabs, g.tokens_q, g.channels), "<u4")
         counts = hist.reshape(g.num_channels, NUM_SYMBOLS).astype(np.uint64)
         total = counts if total is None else total + counts
     if total is None or geometry is None:
         raise InvalidInput("a cachegen profile needs at least one sample chunk")
     lo, n, freq = _tables(total, margin)
-    return CachegenProfile(params.level, params.layer_ramp, geometry.slabs, geometry.channels, lo, n, freq)
+    p = params
+    return CachegenProfile(
+        p.level, p.layer_ramp, geometry.slabs, geometry.channels, lo, n, freq, sens, p.rope_theta
+    )
+
+
+def _sensitivity_bytes(sensitivity: F64) -> bytes:
+    w = np.asarray(sensitivity, np.float64).reshape(-1).astype("<f4")
+    if not (np.isfinite(w).all() and (w >= MIN_SENSITIVITY).all()):
+        raise InvalidInput(f"cachegen sensitivity must be finite and >= {MIN_SENSITIVITY}")
+    return w.tobytes()
 
 
 class ProfileStore:

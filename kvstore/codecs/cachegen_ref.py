@@ -1,4 +1,4 @@
-"""Pure-Python reference of the CacheGen tables and range coder (docs/codecs_cachegen.md).
+"""Pure-Python reference of the CacheGen tables and range coder (docs/codecs.md, cachegen).
 
 Slow (about a microsecond per symbol would be optimistic): it exists to pin
 the byte format down in readable code and to check the C coder

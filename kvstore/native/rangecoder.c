@@ -1,11 +1,11 @@
-/* The CacheGen coder of docs/codecs_cachegen.md: quantization, frequency tables and a byte-wise
+/* The CacheGen coder of docs/codecs.md, cachegen: quantization, frequency tables and a byte-wise
  * 32-bit range coder (LZMA-style carry handling) over many independent streams.
  *
  * Python API (kvstore/_rangecoder.pyi); every buffer is little-endian, every heavy loop runs
  * without the GIL, every error is a ValueError (the codec turns it into CodecError):
  *
- *   quant_params(src, dtype, slabs, tokens, channels, exact, bins) -> bytes
- *   quantize(src, dtype, slabs, tokens, channels, exact, qparams, plo, pn) -> (symbols, lo, n, freq)
+ *   quant_params(src, dtype, slabs, tokens, channels, exact, targets) -> bytes
+ *   quantize(src, dtype, slabs, tokens, channels, exact, qparams, rnd256, plo, pn) -> (symbols, lo, n, freq)
  *   histogram(symbols, slabs, tokens_q, channels) -> bytes (u32 counts [slabs*channels][255])
  *   encode_streams(symbols, slabs, tokens_q, channels, group, lo, n, freq, plo, pn, pfreq)
  *       -> (offsets, data)
@@ -13,6 +13,8 @@
  *       -> bytes
  *   decode_chunk(data, offsets, slabs, tokens, channels, exact, group, lo, n, freq, plo, pn, pfreq,
  *                qparams, dtype, out) -> None
+ *   rope(src, src_dtype, dst, dst_dtype, slabs, tokens, exact, heads, head_dim, kv_factor, table, rotate)
+ *       -> None
  *
  * The same arithmetic lives in kvstore/codecs/kernels/cachegen.cu; both must stay bit-identical:
  * statistics are sequential double sums in token order, products that could be contracted into an
@@ -163,8 +165,10 @@ static int slab_stats(const uint8_t *src, int dtype, const geom_t *g, Py_ssize_t
     return 0;
 }
 
-/* (mu, step) bfloat16 pairs of one slab's channels; -1 when a step does not fit a float. */
-static int slab_params(const stat_t *st, const geom_t *g, double bins, uint8_t *mu_out, uint8_t *step_out) {
+/* (mu, step) bfloat16 pairs of one slab's channels; -1 when a step does not fit a float.
+ * ab: the slab's per-channel step targets, a[c] then b[c] (doubles): target = sigma * a + b. */
+static int slab_params(const stat_t *st, const geom_t *g, const double *a, const double *b, uint8_t *mu_out,
+                       uint8_t *step_out) {
     Py_ssize_t C = g->channels, n = g->tokens - g->exact;
     if (n == 0) {
         for (Py_ssize_t c = 0; c < C; c++) { st16(mu_out + 2 * c, 0); st16(step_out + 2 * c, 0x3F80); }
@@ -176,15 +180,15 @@ static int slab_params(const stat_t *st, const geom_t *g, double bins, uint8_t *
         double var = st[c].sumsq / (double)n - msq;
         varsum += var > 0.0 ? var : 0.0;
     }
-    double delta = sqrt(varsum / (double)C) / bins;
+    double sigma = sqrt(varsum / (double)C);
     for (Py_ssize_t c = 0; c < C; c++) {
         uint16_t mu = f32_to_bf16((float)(st[c].sum / (double)n));
         float muf = u2f((uint32_t)mu << 16);
         float up = st[c].mx - muf, down = muf - st[c].mn;
         float dev = up > down ? up : down;
         if (!isfinite(dev)) return -1;
-        double step = (double)dev / 127.0;
-        if (delta > step) step = delta;
+        double step = (double)dev / 127.0, prod = sigma * a[c], target = prod + b[c];
+        if (target > step) step = target;
         float stepf = (float)step;
         if (stepf < u2f(CG_FLT_MIN_BITS)) stepf = u2f(CG_FLT_MIN_BITS);
         uint16_t sb = f32_to_bf16_up(stepf);
@@ -196,35 +200,36 @@ static int slab_params(const stat_t *st, const geom_t *g, double bins, uint8_t *
 }
 
 static PyObject *py_quant_params(PyObject *self, PyObject *args) {
-    Py_buffer src, bins;
+    Py_buffer src, targets;
     int dtype;
     geom_t g = {0, 0, 0, 0, 1};
-    if (!PyArg_ParseTuple(args, "y*innnny*", &src, &dtype, &g.slabs, &g.tokens, &g.channels, &g.exact, &bins))
+    if (!PyArg_ParseTuple(args, "y*innnny*", &src, &dtype, &g.slabs, &g.tokens, &g.channels, &g.exact,
+                          &targets))
         return NULL;
     PyObject *result = NULL;
     stat_t *st = NULL;
+    double *ab = NULL;
     Py_ssize_t nch, numel;
     int bad = 0;
     if (check_geom(&g) < 0 || mul(g.slabs, g.channels, &nch) < 0 || mul(nch, g.tokens, &numel) < 0) goto out;
-    if (dtype < 0 || dtype > 2 || src.len != numel * itemsize_of(dtype) || bins.len != 8 * g.slabs) {
-        fail("source or bins buffer has the wrong size for the geometry");
+    if (dtype < 0 || dtype > 2 || src.len != numel * itemsize_of(dtype) || targets.len != 16 * nch) {
+        fail("source or step-target buffer has the wrong size for the geometry");
         goto out;
     }
-    for (Py_ssize_t s = 0; s < g.slabs; s++) {
-        double b;
-        memcpy(&b, (const uint8_t *)bins.buf + 8 * s, 8);
-        if (!(b > 0.0 && b < 1e6)) { fail("bins must be in (0, 1e6)"); goto out; }
-    }
+    ab = PyMem_Malloc(16 * (size_t)nch);
+    if (ab == NULL) { PyErr_NoMemory(); goto out; }
+    memcpy(ab, targets.buf, 16 * (size_t)nch);
+    for (Py_ssize_t i = 0; i < 2 * nch; i++)
+        if (!(ab[i] >= 0.0 && ab[i] < 1e30)) { fail("step targets must be finite and in [0, 1e30)"); goto out; }
     result = PyBytes_FromStringAndSize(NULL, 4 * nch);
     st = PyMem_Malloc(sizeof(stat_t) * (size_t)g.channels);
     if (result == NULL || st == NULL) { PyErr_NoMemory(); Py_CLEAR(result); goto out; }
     uint8_t *mu = (uint8_t *)PyBytes_AS_STRING(result), *step = mu + 2 * nch;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t s = 0; s < g.slabs && !bad; s++) {
-        double b;
-        memcpy(&b, (const uint8_t *)bins.buf + 8 * s, 8);
+        size_t c0 = (size_t)s * (size_t)g.channels;
         bad = slab_stats(src.buf, dtype, &g, s, st) < 0 ? 1 : 0;
-        if (!bad && slab_params(st, &g, b, mu + 2 * s * g.channels, step + 2 * s * g.channels) < 0) bad = 2;
+        if (!bad && slab_params(st, &g, ab + c0, ab + nch + c0, mu + 2 * c0, step + 2 * c0) < 0) bad = 2;
     }
     Py_END_ALLOW_THREADS
     if (bad) {
@@ -233,18 +238,22 @@ static PyObject *py_quant_params(PyObject *self, PyObject *args) {
     }
 out:
     PyMem_Free(st);
+    PyMem_Free(ab);
     PyBuffer_Release(&src);
-    PyBuffer_Release(&bins);
+    PyBuffer_Release(&targets);
     return result;
 }
 
 /* ---------------------------------------------------------------- quantize + tables */
 
-static inline uint8_t quantize_one(float x, float muf, float stepf) {
-    float q = rintf((x - muf) / stepf);
-    if (q > (float)CG_QMAX) q = (float)CG_QMAX;
-    if (q < -(float)CG_QMAX) q = -(float)CG_QMAX;
-    return (uint8_t)((int)q + CG_QMAX);
+/* symbol = 127 + sign(u) * min(floor(|u| + rnd), 127), u = (x - mean) / step, rnd = rnd256 / 256:
+ * 0.5 rounds to nearest (ties away from zero), a smaller rnd widens the zero bin (a deadzone). */
+static inline uint8_t quantize_one(float x, float muf, float stepf, float rnd) {
+    float u = (x - muf) / stepf;
+    float m = floorf(fabsf(u) + rnd);
+    if (m > (float)CG_QMAX) m = (float)CG_QMAX;
+    int q = (int)m;
+    return (uint8_t)(u < 0.0f ? CG_QMAX - q : CG_QMAX + q);
 }
 
 /* Frequencies (sum CG_M) of counts[0..n) (n >= 2, ends non-zero): floor(c*M/N), at least 1 where
@@ -286,6 +295,7 @@ static void channel_table(const uint32_t *counts, int plo, int pn, uint8_t *lo, 
 typedef struct {
     const uint8_t *src, *mu, *step, *plo, *pn;
     int dtype;
+    float rnd;
     uint8_t *sym, *lo, *n, *freq;
     size_t flen;
     uint32_t *counts;
@@ -304,7 +314,7 @@ static void quantize_slab(quant_job_t *j, const geom_t *g, Py_ssize_t s) {
     uint8_t *out = j->sym + (size_t)s * (size_t)tq * (size_t)C;
     for (Py_ssize_t t = 0; t < tq; t++) {
         for (Py_ssize_t c = 0; c < C; c++) {
-            uint8_t q = quantize_one(load_value(j->src, j->dtype, in0 + (size_t)t * C + c), muf[c], stf[c]);
+            uint8_t q = quantize_one(load_value(j->src, j->dtype, in0 + (size_t)t * C + c), muf[c], stf[c], j->rnd);
             out[(size_t)t * C + c] = q;
             j->counts[(size_t)c * CG_NSYM + q]++;
         }
@@ -330,9 +340,10 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     Py_buffer src, qp, plo, pn;
     PyObject *plo_o, *pn_o;
     int dtype;
+    int rnd256;
     geom_t g = {0, 0, 0, 0, 1};
-    if (!PyArg_ParseTuple(args, "y*innnny*OO", &src, &dtype, &g.slabs, &g.tokens, &g.channels, &g.exact, &qp,
-                          &plo_o, &pn_o))
+    if (!PyArg_ParseTuple(args, "y*innnny*iOO", &src, &dtype, &g.slabs, &g.tokens, &g.channels, &g.exact, &qp,
+                          &rnd256, &plo_o, &pn_o))
         return NULL;
     PyObject *result = NULL, *sym = NULL, *lo = NULL, *n = NULL;
     uint8_t *freq = NULL;
@@ -350,13 +361,14 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         goto out;
     }
     if (check_qparams(qp.buf, nch) < 0) goto out;
+    if (rnd256 < 0 || rnd256 > 128) { fail("rounding offset must be in [0, 128] / 256"); goto out; }
     sym = PyBytes_FromStringAndSize(NULL, nq);
     lo = PyBytes_FromStringAndSize(NULL, nch);
     n = PyBytes_FromStringAndSize(NULL, nch);
     freq = PyMem_Malloc(2 * (size_t)nch * CG_NSYM + 1);
     j.counts = PyMem_Malloc((sizeof(uint32_t) * CG_NSYM + 2 * sizeof(float)) * (size_t)g.channels);
     if (!sym || !lo || !n || !freq || !j.counts) { PyErr_NoMemory(); goto out; }
-    j.src = src.buf; j.dtype = dtype; j.mu = qp.buf; j.step = (const uint8_t *)qp.buf + 2 * nch;
+    j.src = src.buf; j.dtype = dtype; j.rnd = (float)rnd256 / 256.0f; j.mu = qp.buf; j.step = (const uint8_t *)qp.buf + 2 * nch;
     j.plo = plo.buf; j.pn = pn.buf;
     j.sym = (uint8_t *)PyBytes_AS_STRING(sym); j.lo = (uint8_t *)PyBytes_AS_STRING(lo);
     j.n = (uint8_t *)PyBytes_AS_STRING(n); j.freq = freq;
@@ -805,7 +817,72 @@ out:
     return result;
 }
 
+/* ---------------------------------------------------------------- RoPE (un)rotation of keys */
+
+/* Rotates (direction 1) or un-rotates (0) the pairs (d, d + D/2) of every head of every K slab
+ * (even slabs when kv_factor is 2) of tokens exact..tokens-1 by the angles whose (cos, sin) the
+ * table holds ([tokens][D/2][2] float32); other slabs are copied. src and dst may differ in dtype.
+ * Each product is rounded on its own (no FMA), so the CUDA kernel gives the same bits. */
+static void rope_slab(const uint8_t *src, int sdt, uint8_t *dst, int ddt, const geom_t *g, Py_ssize_t s,
+                      Py_ssize_t heads, Py_ssize_t dim, const float *cs, int rotate, int key) {
+    Py_ssize_t C = g->channels, half = dim / 2;
+    for (Py_ssize_t t = g->exact; t < g->tokens; t++) {
+        size_t row = ((size_t)s * (size_t)g->tokens + (size_t)t) * (size_t)C;
+        if (!key) {
+            for (Py_ssize_t c = 0; c < C; c++) store_value(dst, ddt, row + c, load_value(src, sdt, row + c));
+            continue;
+        }
+        const float *ct = cs + (size_t)t * (size_t)half * 2;
+        for (Py_ssize_t h = 0; h < heads; h++) {
+            size_t b = row + (size_t)h * (size_t)dim;
+            for (Py_ssize_t d = 0; d < half; d++) {
+                float x1 = load_value(src, sdt, b + d), x2 = load_value(src, sdt, b + half + d);
+                float c = ct[2 * d], sn = ct[2 * d + 1];
+                float p1 = x1 * c, p2 = x2 * sn, p3 = x2 * c, p4 = x1 * sn;
+                store_value(dst, ddt, b + d, rotate ? p1 - p2 : p1 + p2);
+                store_value(dst, ddt, b + half + d, rotate ? p3 + p4 : p3 - p4);
+            }
+        }
+    }
+}
+
+static PyObject *py_rope(PyObject *self, PyObject *args) {
+    Py_buffer src, dst, table;
+    int sdt, ddt, kv_factor, rotate;
+    Py_ssize_t heads, dim;
+    geom_t g = {0, 0, 0, 0, 1};
+    if (!PyArg_ParseTuple(args, "y*iw*innnnniy*p", &src, &sdt, &dst, &ddt, &g.slabs, &g.tokens, &g.exact, &heads,
+                          &dim, &kv_factor, &table, &rotate))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t nch, numel, cells;
+    g.channels = heads * dim;
+    if (heads < 1 || dim < 2 || dim % 2 || heads > (1 << 20) || dim > (1 << 20)) {
+        fail("rope needs heads >= 1 and an even head_dim");
+        goto out;
+    }
+    if (check_geom(&g) < 0 || mul(g.slabs, g.channels, &nch) < 0 || mul(nch, g.tokens, &numel) < 0 ||
+        mul(g.tokens, dim, &cells) < 0)
+        goto out;
+    if (sdt < 0 || sdt > 2 || ddt < 0 || ddt > 2 || (kv_factor != 1 && kv_factor != 2) ||
+        src.len != numel * itemsize_of(sdt) || dst.len != numel * itemsize_of(ddt) || table.len != 4 * cells) {
+        fail("rope buffers do not match the geometry");
+        goto out;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t s = 0; s < g.slabs; s++)
+        rope_slab(src.buf, sdt, dst.buf, ddt, &g, s, heads, dim, table.buf, rotate, kv_factor == 2 && s % 2 == 0);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+out:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&table);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"rope", py_rope, METH_VARARGS, "Rotate or un-rotate the keys of a chunk by a (cos, sin) table."},
     {"quant_params", py_quant_params, METH_VARARGS, "Per-channel (mean, step) bfloat16 pairs of a chunk."},
     {"quantize", py_quantize, METH_VARARGS, "Symbols and frequency tables of a chunk."},
     {"histogram", py_histogram, METH_VARARGS, "Per-channel symbol counts."},
@@ -816,6 +893,6 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvstore._rangecoder",
-                                    "CacheGen quantizer and range coder (docs/codecs_cachegen.md).", -1, methods};
+                                    "CacheGen quantizer and range coder (docs/codecs.md, cachegen).", -1, methods};
 
 PyMODINIT_FUNC PyInit__rangecoder(void) { return PyModule_Create(&module); }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -124,7 +125,15 @@ def test_round_trip_shapes_dtypes_layouts_and_error_bound(
 def test_registered_and_params() -> None:
     assert "cachegen" in codec_names()
     codec = make_codec("cachegen", {"level": 2})
-    assert codec.params == {"level": 2, "exact_tokens": 1, "group": 32, "layer_ramp": 1.0, "profile": ""}
+    assert codec.params == {
+        "format": 2,
+        "level": 2,
+        "exact_tokens": 1,
+        "group": 32,
+        "layer_ramp": 1.0,
+        "profile": "",
+        "rope_theta": 0.0,
+    }
     bad_params: list[CodecParams] = [
         {"level": 99},
         {"group": 0},
@@ -133,6 +142,10 @@ def test_registered_and_params() -> None:
         {"layer_ramp": 0.5},
         {"exact_tokens": -1},
         {"level": "1"},
+        {"rope_theta": 0.5},
+        {"rope_theta": "1e4"},
+        {"format": 3},
+        {"format": 1, "rope_theta": 1e4},
     ]
     for bad in bad_params:
         with pytest.raises(InvalidInput):
@@ -400,9 +413,11 @@ def test_c_coder_matches_python_reference() -> None:
         x = rng.standard_normal((slabs, tokens, channels)) * rng.uniform(0.01, 50)
         x += rng.uniform(-5, 5, channels)
         src = x.astype(np.float32).tobytes()
-        bins = np.full(slabs, float(rng.uniform(0.5, 5))).tobytes()
-        qp = rc.quant_params(src, 2, slabs, tokens, channels, exact, bins)
-        sym, lo, n, freq = rc.quantize(src, 2, slabs, tokens, channels, exact, qp, None, None)
+        a = np.full(slabs * channels, 1 / float(rng.uniform(0.5, 5)))
+        targets = np.concatenate([a, rng.uniform(0, 0.1, slabs * channels)]).tobytes()
+        qp = rc.quant_params(src, 2, slabs, tokens, channels, exact, targets)
+        rounding = int(rng.integers(64, 129))
+        sym, lo, n, freq = rc.quantize(src, 2, slabs, tokens, channels, exact, qp, rounding, None, None)
         tq = tokens - exact
         tables = [
             ref.table_of(ref.symbols_of_channel(sym, s, c, tq, channels))
@@ -521,7 +536,12 @@ def test_fuzz_containers() -> None:
     """tests/codecs/test_fuzz.py's mutations on cachegen containers: decode identically or CodecError."""
     rng = random.Random(11)
     stats = Stats()
-    for seed, (params, layout) in enumerate([({"group": 4}, LAYOUT), ({"exact_tokens": 2, "level": 3}, MLA)]):
+    cases: list[tuple[dict[str, Any], ChunkLayout]] = [
+        ({"group": 4}, LAYOUT),
+        ({"exact_tokens": 2, "level": 3}, MLA),
+        ({"rope_theta": 1e4, "group": 5}, LAYOUT),
+    ]
+    for seed, (params, layout) in enumerate(cases):
         base = Base("cachegen", params, layout, seed)
         for what, buf in [*truncations(base), *flips(base, rng, 300), *splices(base, rng, 100)]:
             check(base, buf, stats, what)

@@ -28,7 +28,7 @@ from kvstore.codecs.base import ChunkLayout, CodecParams
 from kvstore.codecs.cachegen import CachegenCodec
 from kvstore.codecs.cachegen_coder import available, rangecoder
 from kvstore.codecs.cachegen_gpu import KERNEL_SOURCE, SIGNATURES, Array, CupyBackend, GpuCoder
-from kvstore.codecs.cachegen_params import CachegenParams
+from kvstore.codecs.cachegen_params import LEVEL_LAMBDA, CachegenParams
 from kvstore.codecs.cachegen_profile import build_profile
 from kvstore.codecs.container import unpack
 from kvstore.errors import CodecError, InvalidInput
@@ -113,6 +113,9 @@ CASES: list[tuple[str, str, int, int, int, int, CodecParams]] = [  # dtype, layo
     ("float32", "mla_latent", 2, 1, 24, 9, {"group": 1, "exact_tokens": 0, "level": 3}),
     ("bfloat16", "kv_separate", 2, 2, 32, 1, {"level": 4}),
     ("bfloat16", "kv_separate", 2, 2, 16, 64, {"group": 4096, "layer_ramp": 2.0}),
+    ("bfloat16", "kv_separate", 2, 2, 16, 40, {"rope_theta": 10000.0}),
+    ("float16", "kv_separate", 2, 3, 8, 17, {"rope_theta": 1e5, "exact_tokens": 0, "group": 7}),
+    ("float32", "kv_separate", 1, 1, 4, 5, {"rope_theta": 500.0, "exact_tokens": 2}),
 ]
 
 
@@ -122,11 +125,18 @@ def cases(seed: int) -> Iterator[tuple[CachegenCodec, ChunkLayout, torch.Tensor]
         yield CachegenCodec(params), layout, kv(layout, seed=seed + i)
 
 
-def profiled(seed: int) -> tuple[CachegenCodec, ChunkLayout, list[torch.Tensor]]:
+def profiled(
+    seed: int, calibrated: bool = False, level: int = 1, rope_theta: float = 0.0
+) -> tuple[CachegenCodec, ChunkLayout, list[torch.Tensor]]:
+    """A codec with a profile (with a random sensitivity when ``calibrated``) and chunks it fits."""
     layout = ChunkLayout(spec(layers=2, heads=2, dim=16), 48)
     samples = [(raw(kv(layout, seed=seed + i, channel_seed=seed)), layout) for i in range(2)]
-    profile = build_profile(samples, CachegenParams())
-    codec = CachegenCodec({"profile": profile.digest}, profiles=[profile])
+    wanted = 0.5 * np.exp(np.random.default_rng(seed).uniform(-2.5, 0.5, 2 * 2 * 32))
+    sensitivity = (LEVEL_LAMBDA[level] / wanted) ** 2 if calibrated else None
+    params = CachegenParams(level=level, rope_theta=rope_theta)
+    profile = build_profile(samples, params, sensitivity=sensitivity)
+    config: CodecParams = {"level": level, "profile": profile.digest, "rope_theta": rope_theta}
+    codec = CachegenCodec(config, profiles=[profile])
     return codec, layout, [kv(layout, seed=seed + 10 + i, channel_seed=seed) for i in range(2)]
 
 
@@ -175,10 +185,11 @@ def test_emulated_kernels_match_the_cpu_coder(emulated: EmulatedBackend) -> None
 
 
 def test_emulated_kernels_with_a_profile(emulated: EmulatedBackend) -> None:
-    codec, layout, xs = profiled(seed=3)
-    for x in xs:
-        check_both_ways(GpuCoder(codec, emulated), layout, x)
-        assert section(unpack(codec.encode(raw(x), layout)), "tab_n").count(0) > 0
+    for calibrated, level, theta in [(False, 1, 0.0), (True, 1, 0.0), (True, max(LEVEL_LAMBDA), 1e4)]:
+        codec, layout, xs = profiled(seed=3, calibrated=calibrated, level=level, rope_theta=theta)
+        for x in xs:
+            check_both_ways(GpuCoder(codec, emulated), layout, x)
+            assert section(unpack(codec.encode(raw(x), layout)), "tab_n").count(0) > 0
 
 
 def test_emulated_decoder_refuses_what_the_cpu_refuses(emulated: EmulatedBackend) -> None:
@@ -231,9 +242,11 @@ def test_gpu_streams_match_cpu_both_ways(gpu: CupyBackend) -> None:
     for codec, layout, x in cases(seed):
         device_out = gpu.upload(np.full(layout.nbytes, POISON, np.uint8))
         check_both_ways(GpuCoder(codec, gpu), layout, x, device_out)
-    codec, layout, xs = profiled(seed)
-    for x in xs:
-        check_both_ways(GpuCoder(codec, gpu), layout, x, gpu.upload(np.full(layout.nbytes, POISON, np.uint8)))
+    for calibrated, level, theta in [(False, 1, 0.0), (True, 1, 0.0), (True, max(LEVEL_LAMBDA), 1e4)]:
+        codec, layout, xs = profiled(seed, calibrated, level, theta)
+        for x in xs:
+            device_out = gpu.upload(np.full(layout.nbytes, POISON, np.uint8))
+            check_both_ways(GpuCoder(codec, gpu), layout, x, device_out)
 
 
 @pytest.mark.gpu

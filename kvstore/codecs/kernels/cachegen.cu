@@ -10,7 +10,7 @@
 // Bit-identity with the C coder rests on: statistics summed sequentially in token order, in
 // double; products either exact (x*x of a float, q*step of 7 and 8 significant bits) or rounded
 // on their own (explicit _rn intrinsics, never contracted into an FMA); IEEE division and square
-// root; rintf (ties to even); conversions done with integer bit operations.
+// root; floorf and fabsf (exact); conversions done with integer bit operations.
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -42,7 +42,6 @@ static inline double cg_dmul(double a, double b) { return a * b; }
 static inline double cg_ddiv(double a, double b) { return a / b; }
 static inline double cg_dsqrt(double a) { return sqrt(a); }
 static inline float cg_d2f(double a) { return (float)a; }
-static inline float cg_frint(float a) { return rintf(a); }
 #else
 #define CG_DEV __device__ __forceinline__
 #define CG_KERNEL extern "C" __global__
@@ -60,7 +59,6 @@ CG_DEV double cg_dmul(double a, double b) { return __dmul_rn(a, b); }
 CG_DEV double cg_ddiv(double a, double b) { return __ddiv_rn(a, b); }
 CG_DEV double cg_dsqrt(double a) { return __dsqrt_rn(a); }
 CG_DEV float cg_d2f(double a) { return __double2float_rn(a); }
-CG_DEV float cg_frint(float a) { return rintf(a); }
 #endif
 
 #define CG_FOR(i, n) for (i64 i = cg_first(); i < (i64)(n); i += cg_stride())
@@ -150,9 +148,10 @@ CG_KERNEL void cg_stats(const u8 *src, int dtype, i64 slabs, i64 tokens, i64 cha
     }
 }
 
-// One thread per slab: the slab's sigma, then each channel's bfloat16 mean and (rounded up) step.
+// One thread per slab: the slab's sigma, then each channel's bfloat16 mean and (rounded up) step; the
+// step targets are sigma * a[ch] + b[ch] (targets = a[nch] then b[nch]).
 CG_KERNEL void cg_params(const double *sum, const double *sumsq, const float *mn, const float *mx,
-                         const double *bins, i64 slabs, i64 tokens, i64 channels, i64 exact, u16 *qparams,
+                         const double *targets, i64 slabs, i64 tokens, i64 channels, i64 exact, u16 *qparams,
                          int *bad) {
     i64 nch = slabs * channels, n = tokens - exact;
     CG_FOR(s, slabs) {
@@ -167,7 +166,7 @@ CG_KERNEL void cg_params(const double *sum, const double *sumsq, const float *mn
             double var = cg_dsub(cg_ddiv(sumsq[c0 + c], (double)n), msq);
             varsum = cg_dadd(varsum, var > 0.0 ? var : 0.0);
         }
-        double delta = cg_ddiv(cg_dsqrt(cg_ddiv(varsum, (double)channels)), bins[s]);
+        double sigma = cg_dsqrt(cg_ddiv(varsum, (double)channels));
         for (i64 c = 0; c < channels; c++) {
             u16 mu = f32_to_bf16(cg_d2f(cg_ddiv(sum[c0 + c], (double)n)));
             float muf = bf16_to_f32(mu);
@@ -175,7 +174,8 @@ CG_KERNEL void cg_params(const double *sum, const double *sumsq, const float *mn
             float dev = up > down ? up : down;
             if (!finite_f32(dev)) { bad[0] = 2; break; }
             double step = cg_ddiv((double)dev, 127.0);
-            if (delta > step) step = delta;
+            double target = cg_dadd(cg_dmul(sigma, targets[c0 + c]), targets[nch + c0 + c]);
+            if (target > step) step = target;
             float stepf = cg_d2f(step);
             if (stepf < cg_u2f(0x00800000u)) stepf = cg_u2f(0x00800000u);
             u16 sb = f32_to_bf16_up(stepf);
@@ -186,17 +186,20 @@ CG_KERNEL void cg_params(const double *sum, const double *sumsq, const float *mn
     }
 }
 
-// One thread per quantized value: symbol = clamp(rint((x - mean) / step)) + 127.
+// One thread per quantized value: symbol = 127 + sign(u) * min(floor(|u| + rnd), 127),
+// u = (x - mean) / step, rnd = rnd256 / 256 (128: nearest; smaller: a deadzone around zero).
 CG_KERNEL void cg_quantize(const u8 *src, int dtype, i64 slabs, i64 tokens, i64 channels, i64 exact,
-                           const u16 *qparams, u8 *sym) {
+                           const u16 *qparams, int rnd256, u8 *sym) {
     i64 tq = tokens - exact, nch = slabs * channels;
+    float rnd = (float)rnd256 / 256.0f;  // exact
     CG_FOR(i, slabs * tq * channels) {
         i64 c = i % channels, t = (i / channels) % tq, s = i / (channels * tq), ch = s * channels + c;
         float x = load_value(src, dtype, (u64)((s * tokens + exact + t) * channels + c));
-        float q = cg_frint(cg_fdiv(cg_fsub(x, bf16_to_f32(qparams[ch])), bf16_to_f32(qparams[nch + ch])));
-        if (q > (float)CG_QMAX) q = (float)CG_QMAX;
-        if (q < -(float)CG_QMAX) q = -(float)CG_QMAX;
-        sym[i] = (u8)((int)q + CG_QMAX);
+        float u = cg_fdiv(cg_fsub(x, bf16_to_f32(qparams[ch])), bf16_to_f32(qparams[nch + ch]));
+        float m = floorf(cg_fadd(fabsf(u), rnd));
+        if (m > (float)CG_QMAX) m = (float)CG_QMAX;
+        int q = (int)m;
+        sym[i] = (u8)(u < 0.0f ? CG_QMAX - q : CG_QMAX + q);
     }
 }
 
@@ -385,5 +388,29 @@ CG_KERNEL void cg_decode(const u8 *data, const u32 *ends, i64 slabs, i64 tokens,
             }
         }
         bad[j] = (flag || pos != len) ? 1 : 0;
+    }
+}
+
+// ------------------------------------------------------------------ RoPE (un)rotation of keys
+
+// One thread per (slab, token, head, pair): rotate (rotate = 1) or un-rotate (0) the pair
+// (d, d + D/2) of a K slab (even slabs when kv_factor is 2) by the table's (cos, sin)
+// ([tokens][D/2][2]); other slabs are copied. Tokens before `exact` are left alone.
+CG_KERNEL void cg_rope(const u8 *src, int sdt, u8 *dst, int ddt, i64 slabs, i64 tokens, i64 exact, i64 heads,
+                       i64 dim, int kv_factor, const float *cs, int rotate) {
+    i64 half = dim / 2, tq = tokens - exact;
+    CG_FOR(i, slabs * tq * heads * half) {
+        i64 d = i % half, h = (i / half) % heads, t = exact + (i / (half * heads)) % tq, s = i / (half * heads * tq);
+        u64 b = (u64)((s * tokens + t) * heads * dim + h * dim);
+        float x1 = load_value(src, sdt, b + d), x2 = load_value(src, sdt, b + half + d);
+        if (kv_factor == 2 && s % 2 == 0) {
+            float c = cs[(t * half + d) * 2], sn = cs[(t * half + d) * 2 + 1];
+            float p1 = cg_fmul(x1, c), p2 = cg_fmul(x2, sn), p3 = cg_fmul(x2, c), p4 = cg_fmul(x1, sn);
+            store_value(dst, ddt, b + d, rotate ? cg_fsub(p1, p2) : cg_fadd(p1, p2));
+            store_value(dst, ddt, b + half + d, rotate ? cg_fadd(p3, p4) : cg_fsub(p3, p4));
+        } else {
+            store_value(dst, ddt, b + d, x1);
+            store_value(dst, ddt, b + half + d, x2);
+        }
     }
 }
