@@ -21,7 +21,7 @@ from kvstore.benchmarks.common import Case, Timing, measure_interleaved
 from kvstore.buffers import U8
 from kvstore.codecs.base import ChunkLayout, Codec, make_codec
 from kvstore.codecs.cachegen import CachegenCodec
-from kvstore.codecs.cachegen_bench import make_profile, mean_report, to_chunks
+from kvstore.codecs.cachegen_bench import make_profile, mean_report, ratio, roundtrip, to_chunks
 from kvstore.codecs.cachegen_profile import CachegenProfile
 from kvstore.quality import KVTransform, QualityHarness
 from kvstore.spec import KVSpec
@@ -116,31 +116,6 @@ class Inputs:
 
 def layout_of(spec: KVSpec, raw: U8) -> ChunkLayout:
     return ChunkLayout(spec, raw.size // spec.bytes_per_token)
-
-
-def roundtrip(codec: Codec, spec: KVSpec, chunk_tokens: int) -> KVTransform:
-    """A KV transform: bfloat16, encode and decode ``chunk_tokens`` at a time, back to float32."""
-
-    def transform(kv: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for raw in to_chunks(kv, chunk_tokens):
-            layout = layout_of(spec, raw)
-            out = np.empty(layout.nbytes, np.uint8)
-            codec.decode_into(codec.encode(raw, layout), out)
-            parts.append(torch.from_numpy(out).view(torch.bfloat16).reshape(layout.shape).float())
-        return torch.cat(parts, dim=2)
-
-    return transform
-
-
-def container_ratio(codec: Codec, kvs: Sequence[torch.Tensor], spec: KVSpec, chunk_tokens: int) -> float:
-    """bfloat16 bytes over whole container bytes (header, params, checksums included)."""
-    raw_bytes = coded = 0
-    for kv in kvs:
-        for raw in to_chunks(kv, chunk_tokens):
-            raw_bytes += raw.size
-            coded += len(codec.encode(raw, layout_of(spec, raw)))
-    return raw_bytes / coded
 
 
 def zstd_ratio(kvs: Sequence[torch.Tensor], chunk_tokens: int) -> float:
@@ -247,11 +222,11 @@ def measure_variant(variant: Variant, inputs: Inputs, *, gpu: bool = False) -> V
     codec, stored = codecs_of(variant, profile)
     kvs, spec = inputs.contexts(), inputs.spec
     chunks = inputs.store_chunks()
-    own = container_ratio(codec, kvs, spec, STORE_CHUNK) if profile is not None else None
+    own = ratio(codec, kvs, spec, STORE_CHUNK) if profile is not None else None
     return VariantResult(
         variant=variant,
-        ratio_2048=container_ratio(codec, kvs, spec, LONG_CHUNK),
-        ratio_256=container_ratio(stored, kvs, spec, STORE_CHUNK),
+        ratio_2048=ratio(codec, kvs, spec, LONG_CHUNK),
+        ratio_256=ratio(stored, kvs, spec, STORE_CHUNK),
         ratio_256_own_tables=own,
         quality=quality(inputs.harnesses, roundtrip(stored, spec, STORE_CHUNK)),
         speed=cpu_speed(stored, chunks, spec, inputs.iters, inputs.warmup),

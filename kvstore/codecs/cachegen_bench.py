@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kvstore.buffers import U8
-from kvstore.codecs.base import ChunkLayout, CodecParams
+from kvstore.codecs.base import ChunkLayout, Codec, CodecParams
 from kvstore.codecs.cachegen import CachegenCodec
 from kvstore.codecs.cachegen_calibrate import calibrate, rope_theta_of
 from kvstore.codecs.cachegen_params import F64, CachegenParams
@@ -85,7 +85,7 @@ def to_chunks(kv: torch.Tensor, chunk_tokens: int) -> list[U8]:
     ]
 
 
-def roundtrip(codec: CachegenCodec, spec: KVSpec, chunk_tokens: int) -> KVTransform:
+def roundtrip(codec: Codec, spec: KVSpec, chunk_tokens: int) -> KVTransform:
     """A KV transform: bfloat16, encode and decode ``chunk_tokens`` at a time, back to float32."""
 
     def transform(kv: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,8 @@ def roundtrip(codec: CachegenCodec, spec: KVSpec, chunk_tokens: int) -> KVTransf
     return transform
 
 
-def ratio(codec: CachegenCodec, kvs: Sequence[torch.Tensor], spec: KVSpec, chunk_tokens: int) -> float:
+def ratio(codec: Codec, kvs: Sequence[torch.Tensor], spec: KVSpec, chunk_tokens: int) -> float:
+    """bfloat16 bytes over whole container bytes (header, params, checksums included)."""
     raw_bytes = coded = 0
     for kv in kvs:
         for raw in to_chunks(kv, chunk_tokens):
