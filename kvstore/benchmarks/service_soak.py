@@ -270,7 +270,8 @@ def _operator(admin_port: int, stop: threading.Event, tally: Tally, tier_peaks: 
 
 def run_soak(cfg: SoakConfig, show_progress: bool = True) -> tuple[Report, bool]:
     """Run the soak; the report and whether every check passed."""
-    report, tally, tier_peaks = Report(), Tally(), {}
+    report, tally = Report(), Tally()
+    tier_peaks: dict[str, int] = {}
     samples: list[MemorySample] = []
     workdir = Path(tempfile.mkdtemp(prefix="kvsoak-", dir="/tmp"))
     try:

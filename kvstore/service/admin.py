@@ -19,7 +19,7 @@ from kvstore.service import admin_events, admin_ops, admin_routes
 from kvstore.service.admin_io import Handler, errors_middleware, json_error
 from kvstore.service.admin_openapi import openapi_document
 from kvstore.service.admin_scope import Caller, set_caller
-from kvstore.service.admin_state import CONFIG, METRICS, STATE
+from kvstore.service.admin_state import CONFIG, METRICS, STATE, STORE
 from kvstore.service.admin_status import STATUS_PAGE
 from kvstore.service.config import ALL_TENANTS, DaemonConfig
 from kvstore.service.net import is_loopback
@@ -79,8 +79,12 @@ async def status_page(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    """The OpenAPI 3 document of this API."""
-    return web.json_response(openapi_document())
+    """The OpenAPI 3 document of this API, with the running store's tier names."""
+    store = request.app.get(STORE)
+    if store is None:
+        return web.json_response(openapi_document())
+    names = [t.name for t in store.tiers]
+    return web.json_response(openapi_document(names, [n for n in names if not store.codecs.encoded(n)]))
 
 
 def make_admin_app(config: DaemonConfig) -> web.Application:

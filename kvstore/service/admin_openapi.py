@@ -6,7 +6,12 @@ that it validates and that it names exactly the routes the app serves.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, get_args
+
+from kvstore.keys import MAX_CHUNK_TOKENS
+from kvstore.service.admin_io import MAX_KEYS
+from kvstore.spec import DType, Layout
 
 JSON = dict[str, Any]
 
@@ -22,12 +27,21 @@ def _obj(required: list[str], **props: JSON) -> JSON:
     return out
 
 
+def _req(required: list[str], **props: JSON) -> JSON:
+    """A request body: as :func:`_obj`, and no field the server does not read."""
+    return {**_obj(required, **props), "additionalProperties": False}
+
+
 def _arr(items: JSON) -> JSON:
     return {"type": "array", "items": items}
 
 
 _STR, _INT, _NUM, _BOOL = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
 _HEX = {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}
+_NAME = {"type": "string", "minLength": 1}
+_KEYS = {"type": "array", "items": _HEX, "maxItems": MAX_KEYS}
+_TTL = {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 86400}
+_TOKEN = {"type": "integer", "minimum": 0, "maximum": (1 << 32) - 1}
 _ANY = {"type": "object", "additionalProperties": True}
 
 
@@ -65,32 +79,78 @@ def _op(summary: str, ok: JSON, *codes: int, body: JSON | None = None, public: b
 _NULL_INT = {**_INT, "nullable": True}
 
 
-def _request_schemas() -> JSON:
-    strings = ("model", "revision", "dtype", "layout", "scheme")
-    ints = (
-        "num_layers",
-        "num_kv_heads",
-        "head_dim",
-        "tp_rank",
-        "tp_size",
-        "pp_rank",
-        "pp_size",
-        "chunk_tokens",
+def _request_schemas(tiers: Sequence[str], raw_tiers: Sequence[str]) -> JSON:
+    """Request bodies, as strict as the handlers' checks (admin_ops, admin_routes).
+
+    What JSON Schema cannot say is left to the server (a clear 400): a rank
+    must be below its size (``tp_rank < tp_size``, ``pp_rank < pp_size``).
+    ``tiers`` and ``raw_tiers`` (tiers that hold raw KV, which moves need)
+    are the running daemon's; empty, tier names are free strings.
+    """
+    ints = ("num_layers", "num_kv_heads", "head_dim", "tp_size", "pp_size")
+    spec: JSON = {
+        "model": _NAME,
+        "revision": _NAME,
+        "dtype": {**_STR, "enum": list(get_args(DType))},
+        "layout": {**_STR, "enum": list(get_args(Layout))},
+        "scheme": {**_STR, "enum": scheme_names()},
+        **{k: {**_INT, "minimum": 1} for k in ints},
+        "tp_rank": {**_INT, "minimum": 0},
+        "pp_rank": {**_INT, "minimum": 0},
+        "chunk_tokens": {**_INT, "minimum": 1, "maximum": MAX_CHUNK_TOKENS},
+    }
+    # mla_latent stores one latent vector per token: exactly one kv head
+    mla = {
+        "anyOf": [
+            {"not": {"required": ["layout"]}},
+            {"properties": {"layout": {"enum": ["kv_separate"]}}},
+            {"properties": {"num_kv_heads": {"enum": [1]}}},
+        ]
+    }
+    register = {
+        **_req(["tenant", "model", "num_layers", "num_kv_heads", "head_dim"], tenant=_NAME, **spec),
+        **mla,
+    }
+    register["description"] = (
+        "`tenant` may be left out with a tenant token (it defaults to the token's tenant)."
     )
-    spec = {**dict.fromkeys(strings, _STR), **dict.fromkeys(ints, {**_INT, "minimum": 1})}
-    spec.update(tp_rank={**_INT, "minimum": 0}, pp_rank={**_INT, "minimum": 0})  # what the server accepts
-    move = {"from": _STR, "to": _STR}
+    tier = {**_STR, "enum": list(tiers)} if tiers else _NAME
     return {
-        "NamespaceSpec": _obj(["model", "num_layers", "num_kv_heads", "head_dim"], tenant=_STR, **spec),
-        "Namespace": _obj(["namespace", "tenant"], namespace=_HEX, tenant=_STR, chunk_bytes=_INT, **spec),
-        "LookupRequest": _obj(["namespace"], namespace=_HEX, tokens=_arr(_INT), keys=_arr(_HEX), lease=_BOOL,
-                              ttl_s=_NUM),
-        "PinRequest": _obj(["namespace", "keys"], namespace=_HEX, keys=_arr(_HEX), ttl_s=_NUM),
-        "EvictRequest": _obj(["namespace"], namespace=_HEX, keys=_arr(_HEX), tier=_STR),
-        "ClearRequest": _obj(["namespace"], namespace=_HEX),
-        "MoveRequest": _obj(["namespace", "keys", "from", "to"], namespace=_HEX, keys=_arr(_HEX), **move,
-                            remove_source=_BOOL),
+        "NamespaceSpec": register,
+        "Namespace": _obj(["namespace", "tenant"], namespace=_HEX, tenant=_STR, chunk_bytes=_INT,
+                          **{k: _STR if v.get("type") == "string" else _INT for k, v in spec.items()}),
+        "LookupRequest": {**_req(["namespace"], namespace=_HEX, tokens=_arr(_TOKEN), keys=_KEYS, lease=_BOOL,
+                                 ttl_s=_TTL), "anyOf": [{"required": ["tokens"]}, {"required": ["keys"]}]},
+        "PinRequest": _req(["namespace", "keys"], namespace=_HEX, keys={**_KEYS, "minItems": 1}, ttl_s=_TTL),
+        "EvictRequest": _req(["namespace"], namespace=_HEX, keys=_KEYS, tier=tier),
+        "ClearRequest": _req(["namespace"], namespace=_HEX),
+        "MoveRequest": {**_req(["namespace", "keys", "from", "to"], namespace=_HEX, keys={**_KEYS, "minItems": 1},
+                               remove_source=_BOOL, **_move_tiers(raw_tiers)), **_distinct(raw_tiers)},
     }  # fmt: skip
+
+
+def _move_tiers(raw_tiers: Sequence[str]) -> JSON:
+    name = {**_STR, "enum": list(raw_tiers)} if len(raw_tiers) >= 2 else _NAME
+    return {"from": name, "to": name}
+
+
+def _distinct(raw_tiers: Sequence[str]) -> JSON:
+    """``from`` and ``to`` name different tiers: one branch per source tier."""
+    if len(raw_tiers) < 2:
+        return {}
+    return {
+        "anyOf": [
+            {"properties": {"from": {"enum": [t]}, "to": {"enum": [u for u in raw_tiers if u != t]}}}
+            for t in raw_tiers
+        ]
+    }
+
+
+def scheme_names() -> list[str]:
+    """The hash schemes a namespace may name (kvstore.keys)."""
+    from kvstore.keys import _SCHEMES  # the registry; names only
+
+    return sorted(_SCHEMES)
 
 
 def _result_schemas() -> JSON:
@@ -185,8 +245,13 @@ def _chunk_paths() -> JSON:
     return {"/v1/chunks/{ns}/{key}": {"parameters": ns_key, "get": get, "put": put}}
 
 
-def openapi_document() -> JSON:
-    """The admin API as an OpenAPI 3.0.3 document."""
+def openapi_document(tiers: Sequence[str] = (), raw_tiers: Sequence[str] = ()) -> JSON:
+    """The admin API as an OpenAPI 3.0.3 document.
+
+    Args:
+        tiers: the running daemon's tier names (the values of ``tier``); empty: any name.
+        raw_tiers: those of them that hold raw KV (the values of a move's ``from`` and ``to``).
+    """
     return {
         "openapi": "3.0.3",
         "info": {
@@ -196,7 +261,7 @@ def openapi_document() -> JSON:
         },
         "paths": {**_system_paths(), **_v1_paths(), **_chunk_paths()},
         "components": {
-            "schemas": {**_request_schemas(), **_result_schemas()},
+            "schemas": {**_request_schemas(tiers, raw_tiers), **_result_schemas()},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],

@@ -15,6 +15,7 @@ is committed or aborted, so a client that disappears mid-put leaves nothing.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from kvstore.service.dataplane_core import Reply, Result
 from kvstore.service.dataplane_handlers import Ctx
 from kvstore.service.dataplane_reader import BytesSink, SegmentSink, Sink
 from kvstore.service.dataplane_session import Reservation, Slot
+from kvstore.service.dataplane_store import StoreAccess
 from kvstore.service.protocol import (
     CHECKSUM_BYTES,
     Forbidden,
@@ -83,6 +85,19 @@ def begin_put(ctx: Ctx, h: dict[str, Any], payload_len: int) -> PendingPut:
     return PendingPut(
         ns, keys, sizes, checksums, cost, rid, SegmentSink(segments, sizes, trailer), payload_len
     )
+
+
+BACKLOG_RETRY_S = 0.05
+"""What a BUSY for a full write-through queue tells the client to wait before retrying."""
+
+
+def _room_in_queue(access: StoreAccess, deadline: float) -> bool:
+    """Wait (on a worker thread) until the write-through queue has room; False at ``deadline``."""
+    while access.write_queue_full():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _check_sizes(ctx: Ctx, sizes: list[int]) -> None:
@@ -154,11 +169,28 @@ def _split(trailer: bytes, n: int) -> list[bytes]:
 
 
 def _commit(ctx: Ctx, res: Reservation, digests: list[bytes], cost: float) -> list[bool]:
-    """Commit every filled slot of a verified reservation; what each key's put achieved."""
+    """Commit every filled slot of a verified reservation; what each key's put achieved.
+
+    While the write-through queue is full (a slow lower tier) the commit
+    waits for room, ``queue_timeout_s`` at most for the whole PUT (not per
+    chunk); past that it answers BUSY: the chunks committed so far stay
+    stored, the rest are given back, and a retry stores them (puts are
+    idempotent).
+
+    Raises:
+        ServerBusy: the queue stayed full for ``queue_timeout_s``.
+    """
     access = ctx.core.access
     stored: list[bool] = []
+    deadline = time.monotonic() + access.store.config.queue_timeout_s
     try:
         for slot, digest in zip(res.slots, digests):
+            if slot.extent is not None and not _room_in_queue(access, deadline):
+                raise ServerBusy(
+                    f"the write-through queue to the lower tiers stayed full (a slow tier); "
+                    f"{sum(stored)} of {len(res.slots)} chunks stored, retry the rest",
+                    BACKLOG_RETRY_S,
+                )
             extent, slot.extent = slot.extent, None
             if extent is None:
                 stored.append(slot.present)

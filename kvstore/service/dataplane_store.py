@@ -133,6 +133,18 @@ class StoreAccess:
         return None if n is None else out[:n]
 
     # -- writes ------------------------------------------------------------------------
+    def write_queue_full(self) -> bool:
+        """Whether the write-through queue to the lower tiers is full (a slow lower tier).
+
+        A commit would wait on it (write-through mode only: write-back
+        demotions never block a put); the data plane bounds that wait per PUT
+        and answers BUSY past it (backpressure).
+        """
+        if not self.layered or self.store.config.write_mode != "write_through":
+            return False
+        writer = self.store._writer  # TieredStore has no public accessor for its queue's depth
+        return writer.stats().depth >= self.store.config.queue_depth
+
     def reserve(self, nbytes: int) -> Extent | None:
         return self.top.reserve(nbytes)
 

@@ -39,6 +39,7 @@ from kvstore.tiers.disk_open import (
     wipe_if_unsafe,
 )
 from kvstore.tiers.disk_records import BadRecord, Records
+from kvstore.tiers.disk_reserve import DiskReserve
 from kvstore.tiers.policies import make_policy
 from kvstore.tiers.record import HEADER_BYTES, RecordHeader
 
@@ -65,7 +66,10 @@ class DiskTier(Tier):
         the length matches and the XXH3-128 of the copy equals the header's;
         anything else is a CORRUPT miss and the record is deleted;
       * one write transaction at a time (``_write_lock``, always taken before
-        the tier lock); reads copy from a read snapshot outside both locks.
+        the tier lock); reads copy from a read snapshot outside both locks;
+      * a deletion that fails on a full file system is retried once after
+        the reserve file's blocks are given back (kvstore.tiers.disk_reserve),
+        so eviction, DELETE and CLEAR work on a full disk.
     """
 
     kind = "disk"
@@ -86,7 +90,9 @@ class DiskTier(Tier):
             good, bad = scan_headers(config)
             self._env = open_env(config)
             self._records = Records(self._env)
+            self.reserve = DiskReserve(config.path, config.reserve, clock)
             self.last_rebuild = self._rebuild(good, bad, wiped, t0)
+            self.reserve.ensure()
             mark_open(config.path, config.sync)
         except OSError as exc:
             self.close()
@@ -258,7 +264,7 @@ class DiskTier(Tier):
             self._stats.evictions += len(over)
         with self._write_lock:
             try:
-                self._open().commit(bad + [k for k, _ in over], None)
+                self._commit_deletes(bad + [k for k, _ in over])
             except lmdb.Error as exc:
                 raise DiskFull(errno.ENOSPC, f"no room to drop records at {self.config.path}: {exc}") from exc
         s = self._stats
@@ -290,6 +296,8 @@ class DiskTier(Tier):
             else:
                 self._stats.rejected += 1
             self._stats.evictions += len(evicted)
+        if ok:
+            self.reserve.ensure()  # a no-op while held; else at most every few seconds
         return ok, evicted
 
     def _write_record(
@@ -309,7 +317,7 @@ class DiskTier(Tier):
             with self._lock:
                 pending += self._index.evict_more(key, HEADER_BYTES + payload.size, self._clock())
             try:  # free pages become reusable two commits later: delete, then bump the epoch
-                self._open().commit([k for k, _ in pending], None)
+                self._commit_deletes([k for k, _ in pending], use_reserve=False)
                 evicted, pending = evicted + pending, Victims()
                 self._open().bump_epoch()
             except lmdb.Error:
@@ -318,6 +326,20 @@ class DiskTier(Tier):
             for k, m in pending:
                 self._index.attach(k, m)
         return False, evicted
+
+    def _commit_deletes(self, keys: list[ChunkKey], use_reserve: bool = True) -> None:
+        """Commit the deletion of ``keys``; on a full file system, once more after releasing the reserve.
+
+        Evictions made by a put do not take the reserve (``use_reserve=False``):
+        it is kept for DELETE, CLEAR and expiry, which must work on a full disk.
+        """
+        try:
+            self._open().commit(keys, None)
+        except lmdb.Error as exc:
+            fs_full = is_full(exc) and not isinstance(exc, lmdb.MapFullError)
+            if not (use_reserve and fs_full and self.reserve.release()):
+                raise
+            self._open().commit(keys, None)
 
     def _remove(self, keys: list[ChunkKey], doomed_only: bool = False) -> int:
         """Delete present keys, only marking pinned ones; returns how many."""
@@ -331,7 +353,7 @@ class DiskTier(Tier):
     def _delete_records(self, victims: Victims) -> bool:
         """Commit the deletion of detached records; if it fails, they return to the index."""
         try:
-            self._open().commit([k for k, _ in victims], None)
+            self._commit_deletes([k for k, _ in victims])
             return True
         except lmdb.Error as exc:
             log.error("disk tier %s: cannot delete %d records: %s", self.name, len(victims), exc)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kvstore.errors import InvalidInput
+from kvstore.tiers.disk_reserve import reserve_size
 from kvstore.tiers.policies import policy_names
 from kvstore.tiers.record import HEADER_BYTES
 
@@ -28,6 +29,10 @@ class DiskTierConfig:
         max_chunk_bytes: the largest payload accepted; larger raise ChunkTooLarge.
         map_size_bytes: LMDB map size; None derives it from the budget
             (:attr:`map_size`). With ``sync="none"`` this much disk is reserved.
+        reserve_bytes: blocks kept allocated in a ``reserve`` file and given
+            back when a deletion cannot commit on a full file system
+            (kvstore.tiers.disk_reserve); None derives it from the budget
+            (:attr:`reserve`), 0 keeps none.
     """
 
     path: str
@@ -37,6 +42,7 @@ class DiskTierConfig:
     ttl_s: float | None = None
     max_chunk_bytes: int = 256 * _MIB
     map_size_bytes: int | None = None
+    reserve_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -53,6 +59,15 @@ class DiskTierConfig:
             raise InvalidInput("max_chunk_bytes must be an int >= 1")
         if self.map_size_bytes is not None and self.map_size_bytes < _MIB:
             raise InvalidInput("map_size_bytes must be at least 1 MiB")
+        if self.reserve_bytes is not None and (
+            not isinstance(self.reserve_bytes, int) or self.reserve_bytes < 0
+        ):
+            raise InvalidInput(f"reserve_bytes must be an int >= 0, got {self.reserve_bytes!r}")
+
+    @property
+    def reserve(self) -> int:
+        """Bytes of the reserve file: ``reserve_bytes``, or 1/64 of the budget within 256 KiB .. 4 MiB."""
+        return reserve_size(self.capacity_bytes) if self.reserve_bytes is None else self.reserve_bytes
 
     @property
     def map_size(self) -> int:

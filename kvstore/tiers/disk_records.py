@@ -45,11 +45,17 @@ class Records:
         self._epoch = env.open_db(b"epoch")
 
     def commit(self, deletes: list[ChunkKey], put: tuple[ChunkKey, bytes, U8] | None) -> None:
-        """One write transaction: delete records, then put one; all or nothing."""
+        """One write transaction: delete records, then put one; all or nothing.
+
+        Deletions go in key order, one database after the other: each leaf is
+        copied once, emptied and its copy reused for the next, so deleting
+        many records needs few new pages (what matters on a full disk).
+        """
+        order = sorted(deletes)
         with self.env.begin(write=True) as txn:
-            for k in deletes:
-                txn.delete(k, db=self._hdr)
-                txn.delete(k, db=self._data)
+            for db in (self._hdr, self._data):
+                for k in order:
+                    txn.delete(k, db=db)
             if put is not None:
                 txn.put(put[0], put[1], db=self._hdr)
                 txn.put(put[0], put[2].data, db=self._data)

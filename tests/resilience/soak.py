@@ -8,9 +8,14 @@ puts chunks, looks them up under a lease, reads them back under that lease,
 releases it, and re-reads older chunks), and injects one fault per interval,
 in turn: Redis paused (SIGSTOP) for a few seconds, Redis killed and
 restarted, a client that dies in the middle of a frame, a burst of oversized
-frames. It prints one line per window (ops, p99 latency, misses, errors) and
-a JSON summary as the last line; it exits non-zero on any wrong answer, any
-failed request, a leaked lease or a dead daemon.
+frames. The daemon's resident memory is read from /proc/<pid>/smaps every
+second and split as docs/daemon.md "Memory" bounds it: the CPU tier's arena,
+the LMDB map's pages, and the overhead (everything else). It prints one line
+per window (ops, p50/p99 latency, misses, errors, memory split) and a JSON
+summary as the last line; it exits non-zero on any wrong answer, any failed
+request, a lease, connection or reservation still open once the clients
+left, a dead daemon, or a part of memory beyond its bound (the overhead's:
+``--overhead-mib`` plus 400 bytes per chunk the tiers can hold).
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+from kvstore.benchmarks.service_soak import DEFAULT_OVERHEAD_MIB
 from kvstore.client.aio import AsyncClient
 from kvstore.errors import Busy
 from kvstore.keys import Namespace
 from kvstore.service.protocol import MsgType, frame, pack_prefix
+from kvstore.tiers.disk_config import DiskTierConfig
 from tests.redis_servers import RedisServer
 from tests.resilience.common import CHUNK, key_of, payload
 from tests.service.daemon_fixtures import ADMIN_TOKEN, DaemonProc, namespace
@@ -49,12 +56,61 @@ class Window:
     errors: int = 0
     wrong: int = 0
     fault: str = ""
+    memory: list[Memory] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         lat = np.array(self.latencies) if self.latencies else np.zeros(1)
+        mem = self.memory[-1] if self.memory else Memory(0, 0, 0)
         return {"t_s": round(self.start_s), "ops": len(self.latencies), "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 2),
                 "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 2), "misses": self.misses,
-                "errors": self.errors, "wrong": self.wrong, "fault": self.fault}
+                "errors": self.errors, "wrong": self.wrong, "fault": self.fault,
+                "rss_mib": mib(mem.rss), "arena_mib": mib(mem.arena), "lmdb_mib": mib(mem.lmdb),
+                "overhead_mib": mib(mem.overhead),
+                "overhead_max_mib": mib(max((m.overhead for m in self.memory), default=0))}
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """The daemon's resident memory split as docs/daemon.md "Memory" bounds it."""
+
+    rss: int
+    arena: int
+    lmdb: int
+
+    @property
+    def overhead(self) -> int:
+        """Everything but the CPU tier's arena and the LMDB map: bounded by ``OVERHEAD_BOUND``."""
+        return self.rss - self.arena - self.lmdb
+
+
+def mib(n: int) -> float:
+    return round(n / (1 << 20), 1)
+
+
+def read_memory(pid: int, arena_bytes: int = 0) -> Memory:
+    """``pid``'s resident memory from /proc/<pid>/smaps: total, the CPU tier's arena, the LMDB map.
+
+    The arena is the mapping in /dev/shm (shared-memory path) or the one
+    anonymous mapping of exactly ``arena_bytes`` (rounded to pages); LMDB's
+    map is the mapping of ``data.mdb``.
+    """
+    rss = arena = lmdb = 0
+    current, size, want = "", 0, -(-arena_bytes // 4096) * 4096
+    with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0] if line.strip() else ""
+            if "-" in first and not first.endswith(":"):
+                current = line.rstrip("\n")
+                lo, hi = first.split("-")
+                size = int(hi, 16) - int(lo, 16)
+            elif first == "Rss:":
+                kib = int(line.split()[1]) << 10
+                rss += kib
+                if current.endswith("/data.mdb"):
+                    lmdb += kib
+                elif " /dev/shm/" in current or (size == want and len(current.split()) == 5):
+                    arena += kib
+    return Memory(rss, arena, lmdb)
 
 
 @dataclass
@@ -64,6 +120,7 @@ class Soak:
     tenants: int
     fault_interval_s: float
     pause_s: float
+    overhead_mib: int = DEFAULT_OVERHEAD_MIB
     windows: list[Window] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
@@ -166,6 +223,13 @@ async def faults_loop(s: Soak, redis: RedisServer, d: DaemonProc, t0: float) -> 
         i += 1
 
 
+async def memory_loop(s: Soak, pid: int, t0: float) -> None:
+    """Sample the daemon's memory split every second into the current window."""
+    while True:
+        s.window(time.monotonic() - t0).memory.append(read_memory(pid, CPU_BYTES))
+        await asyncio.sleep(1.0)
+
+
 async def drive(s: Soak, d: DaemonProc, redis: RedisServer) -> None:
     toks = [t for t, tenant in tokens(s.tenants).items() if tenant != "*"]
     url = f"kvstore://127.0.0.1:{d.port}"
@@ -173,39 +237,76 @@ async def drive(s: Soak, d: DaemonProc, redis: RedisServer) -> None:
     jobs = [client_loop(s, url, toks[i % s.tenants], namespace(f"soak-{i % s.tenants}"), i, t0)
             for i in range(s.clients)]
     faults = asyncio.create_task(faults_loop(s, redis, d, t0))
+    assert d.proc is not None
+    sampler = asyncio.create_task(memory_loop(s, d.proc.pid, t0))
     await asyncio.gather(*jobs)
     faults.cancel()
+    sampler.cancel()
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+CPU_BYTES, DISK_BYTES, REDIS_BYTES = 12 << 20, 32 << 20, 64 << 20  # 12 MiB: no thread stack (8 MiB) looks like the arena
+LMDB_BOUND = DiskTierConfig("-", DISK_BYTES).map_size  # as kvstore.builder configures it
+"""docs/daemon.md "Memory": the LMDB map's resident pages stay within the map."""
+INDEX_BYTES_PER_CHUNK = 400
+"""docs/daemon.md "Memory": metadata per chunk a tier holds (CPU and disk index, Redis ledger)."""
+MAX_CHUNKS = CPU_BYTES // CHUNK + DISK_BYTES // (CHUNK + 104) + REDIS_BYTES // CHUNK
+
+
+def overhead_bound(fixed_mib: int) -> int:
+    """The documented bound on memory beyond the arena and the LMDB map, for this soak's budgets."""
+    return (fixed_mib << 20) + INDEX_BYTES_PER_CHUNK * MAX_CHUNKS
+
+
+def settle(d: DaemonProc, timeout_s: float = 15.0) -> dict[str, int]:
+    """After the clients left: live leases, open connections and reservations (all must reach 0)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = d.call("GET", "/v1/stats", token=ADMIN_TOKEN).json()
+        dp = stats.get("data_plane") or {}
+        left = {"leases": len(d.call("GET", "/v1/leases", token=ADMIN_TOKEN).json()["leases"]),
+                "connections": int(dp.get("connections", 0)), "reservations": int(dp.get("reservations", 0)),
+                "shm_pins": int(dp.get("shm_pins", 0))}
+        if not any(left.values()) or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 def run(s: Soak, workdir: Path) -> dict[str, object]:
     """Run the soak; the summary (``ok`` is False on any failure)."""
     redis = RedisServer().start()
     d = DaemonProc(workdir, data_dir=workdir / "data", tokens=tokens(s.tenants),
-                   args=("--cpu-bytes", "8MiB", "--disk-bytes", "32MiB", "--redis-url", redis.url))
+                   args=("--cpu-bytes", str(CPU_BYTES), "--disk-bytes", str(DISK_BYTES), "--redis-url", redis.url,
+                         "--redis-bytes", str(REDIS_BYTES)))
     try:
         d.start()
         assert d.proc is not None
-        rss0 = rss_bytes(d.proc.pid)
+        mem0 = read_memory(d.proc.pid, CPU_BYTES)
         asyncio.run(drive(s, d, redis))
         alive = d.proc.poll() is None
-        leases = d.call("GET", "/v1/leases", token=ADMIN_TOKEN).json()["leases"] if alive else []
-        rss1 = rss_bytes(d.proc.pid) if alive else 0
+        left = settle(d) if alive else {}
+        mem1 = read_memory(d.proc.pid, CPU_BYTES) if alive else Memory(0, 0, 0)
     finally:
         d.stop()
         d.kill()
         redis.close()
     rows = [w.summary() for w in s.windows]
     wrong, errors = sum(w.wrong for w in s.windows), sum(w.errors for w in s.windows)
-    return {"ok": alive and wrong == 0 and errors == 0 and not leases, "alive": alive, "clients": s.clients,
+    samples = [m for w in s.windows for m in w.memory] or [mem0]
+    peaks = {"arena": max(m.arena for m in samples), "lmdb": max(m.lmdb for m in samples),
+             "overhead": max(m.overhead for m in samples)}
+    bounds = {"arena": CPU_BYTES + (1 << 20), "lmdb": LMDB_BOUND, "overhead": overhead_bound(s.overhead_mib)}
+    over = [f"{k} {mib(peaks[k])} MiB > {mib(bounds[k])} MiB" for k in peaks if peaks[k] > bounds[k]]
+    ok = alive and wrong == 0 and errors == 0 and not any(left.values()) and not over
+    tenth = max(1, len(samples) // 10)
+    growth = (np.median([m.overhead for m in samples[-tenth:]]) - np.median([m.overhead for m in samples[:tenth]]))
+    return {"ok": ok, "alive": alive, "clients": s.clients,
             "tenants": s.tenants, "duration_s": s.duration_s, "ops": sum(len(w.latencies) for w in s.windows),
-            "wrong": wrong, "errors": errors, "leaked_leases": len(leases), "faults": s.faults,
-            "rss_start_mib": rss0 >> 20, "rss_end_mib": rss1 >> 20, "windows": rows,
-            "error_samples": s.error_samples}
+            "wrong": wrong, "errors": errors, "leaked_leases": left.get("leases", 0), "left_after": left,
+            "faults": s.faults, "overhead_growth_mib": mib(int(growth)),
+            "rss_start_mib": mib(mem0.rss), "rss_end_mib": mib(mem1.rss),
+            "overhead_start_mib": mib(mem0.overhead), "overhead_end_mib": mib(mem1.overhead),
+            "peak_mib": {k: mib(v) for k, v in peaks.items()}, "bound_mib": {k: mib(v) for k, v in bounds.items()},
+            "over_budget": over, "windows": rows, "error_samples": s.error_samples}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tenants", type=int, default=4, help="tenants the clients are spread over [4]")
     p.add_argument("--fault-interval", type=float, default=60.0, help="seconds between faults [60]")
     p.add_argument("--pause", type=float, default=5.0, help="seconds Redis stays paused or down [5]")
+    p.add_argument("--overhead-mib", type=int, default=DEFAULT_OVERHEAD_MIB,
+                   help=f"fail if memory beyond the arena and the LMDB map exceeds this [{DEFAULT_OVERHEAD_MIB}]")
     a = p.parse_args(argv)
-    s = Soak(a.duration, a.clients, a.tenants, a.fault_interval, a.pause)
+    s = Soak(a.duration, a.clients, a.tenants, a.fault_interval, a.pause, a.overhead_mib)
     with tempfile.TemporaryDirectory(prefix="kvs-soak-") as tmp:
         out = run(s, Path(tmp))
     for row in out["windows"]:  # type: ignore[attr-defined]

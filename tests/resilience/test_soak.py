@@ -2,7 +2,9 @@
 
 Fast run: 20 s with a fault every 5 s (each of the four kinds once). ``-m slow``:
 10 minutes with a fault every minute, as ``python -m tests.resilience.soak``.
-Zero wrong answers, zero failed requests, zero leaked leases, the daemon alive.
+Zero wrong answers, zero failed requests, zero leases, connections or
+reservations left once the clients are gone, the daemon alive, and its memory
+within budget plus the documented overhead (docs/daemon.md "Memory").
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ def _soak(tmp_path: Path, s: Soak) -> None:
            f"every {s.fault_interval_s:.0f} s ({', '.join(out['faults'])})",  # type: ignore[arg-type]
            int(out["ops"]), int(out["ops"]) - int(out["wrong"]) - int(out["errors"]),  # type: ignore[call-overload]
            f"wrong {out['wrong']}, errors {out['errors']}, leaked leases {out['leaked_leases']}, worst p99 per "
-           f"window {worst:.0f} ms, RSS {out['rss_start_mib']}->{out['rss_end_mib']} MiB")
+           f"window {worst:.0f} ms, RSS {out['rss_start_mib']}->{out['rss_end_mib']} MiB; peak arena "
+           f"{out['peak_mib']['arena']}, LMDB {out['peak_mib']['lmdb']}, overhead {out['peak_mib']['overhead']} "  # type: ignore[index]
+           f"MiB (bound {out['bound_mib']['overhead']}), overhead growth over the run "  # type: ignore[index]
+           f"{out['overhead_growth_mib']} MiB; left open after: "
+           + ", ".join(f"{k} {v}" for k, v in out["left_after"].items()))  # type: ignore[attr-defined]
     print(json.dumps(out["windows"]))
     assert out["ok"], json.dumps(out)[:3000]
     assert len(out["faults"]) >= 1  # type: ignore[arg-type]
