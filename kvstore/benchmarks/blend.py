@@ -2,7 +2,8 @@
 
 A RAG workload from real text: a pool of Python-docs passages, each prompt a
 chat-formatted request over ``--passages`` of them (seeded choice and order,
-so passages recur at different positions) and a real FAQ question. Every
+so passages recur at different positions) and an uncached tail of ~64 tokens:
+a fixed instruction and a real FAQ question (``question_tokens``: the median). Every
 passage's KV is computed once on its own and kept in a TieredStore under its
 content key. For each recompute ratio r in {0, 0.05, 0.15, 0.3, 1.0} the
 benchmark blends each prompt and compares it with a full prefill of the same

@@ -23,6 +23,10 @@ from kvstore.tiers.cpu import CPUTier, CPUTierConfig
 from kvstore.tiers.store import TieredStore
 
 HEAD = "<|im_start|>system\nAnswer the question from the documents below.<|im_end|>\n<|im_start|>user\n"
+ASK = ("\nUsing only the documents above, answer the question below from the Python FAQ. If the documents do not "
+       "cover it, answer briefly and precisely from what you know about Python, and quote the relevant names. Be concise.\n"
+       "Question: {question}<|im_end|>\n<|im_start|>assistant\n")
+"""The uncached tail: an instruction and a real FAQ question, ~64 tokens (median over the FAQ)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +60,7 @@ def build_prompts(lm: LoadedModel, cfg: BlendBenchConfig) -> tuple[list[tuple[in
     prompts = []
     for i in range(cfg.prompts):
         faq = faqs[i % len(faqs)]
-        tail = lm.encode(f"\nQuestion: {faq.question}<|im_end|>\n<|im_start|>assistant\n")
+        tail = lm.encode(ASK.format(question=faq.question))
         prompts.append(RagPrompt(lm.encode(HEAD), rng.sample(range(cfg.pool), cfg.passages), tail,
                                  lm.encode(faq.answer)[: cfg.answer_tokens]))
     return pool, prompts
@@ -123,6 +127,7 @@ def _report(cfg: BlendBenchConfig, prompts: list[RagPrompt], tallies: dict[float
     prompt_tokens = statistics.median(len(p.head) + len(p.tail) + cfg.passages * cfg.passage_tokens for p in prompts)
     for key, value in (("model", "SmolLM2-135M-Instruct"), ("prompts", cfg.prompts), ("passages", cfg.passages),
                        ("passage_tokens", cfg.passage_tokens), ("prompt_tokens", int(prompt_tokens)),
+                       ("question_tokens", int(statistics.median(len(p.tail) for p in prompts))),
                        ("answer_tokens", cfg.answer_tokens), ("threads", cfg.threads), ("iters", cfg.iters),
                        ("ttft_full_ms", round(full * 1e3, 1))):
         report.record(key, value)

@@ -5,12 +5,14 @@ Per prompt (``Blender.blend``):
 1. Assemble: lay the segments out in order; each passage's K is rotated from
    the positions it was computed at to its place in this prompt.
 2. Layers before ``check_layer`` are computed for every token (full prefill).
-3. At each filtering layer, fresh K/V of the tokens still computed are
+3. At each filtering layer (``check_layer``, then one more per
+   ``BlendConfig.gradual`` step), fresh K/V of the tokens still computed are
    compared with the reused K/V (``BlendConfig.deviation``), weighted by the
    attention each token gets from the uncached tokens' queries
-   (``BlendConfig.attention_weight``); the top ``ratio`` of the reused
-   tokens, and every uncached token, go on. Fresh K/V of every token computed
-   at a layer replace the reused K/V at their positions.
+   (``BlendConfig.attention_weight``); the scores add up over the filtering
+   layers, and the top share of the reused tokens the schedule names (last:
+   ``ratio``), and every uncached token, go on. Fresh K/V of every token
+   computed at a layer replace the reused K/V at their positions.
 4. Later layers compute only the selected tokens: their queries attend to the
    whole assembled KV, each to positions <= its own.
 
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvstore.blend.config import BlendConfig
-from kvstore.blend.llama import LlamaStack
+from kvstore.blend.llama import LayerQKV, LlamaStack
 from kvstore.blend.rope import RopeSpec, rope_from_model, shift_keys
 from kvstore.blend.segments import Assembled, PassageKV, Segment
 from kvstore.blend.select import keep_count, kv_deviation, select_per_group, select_tokens
@@ -152,12 +154,16 @@ class Blender:
         n_reused = int(a.reused.sum())
         full_reuse = cfg.full_reuse
         candidates = a.reused.clone()
+        sinks = 0
         if cfg.sink_tokens and not full_reuse:
             for start in a.passage_offsets:
+                sinks += int(candidates[start : start + cfg.sink_tokens].sum())
                 forced[start : start + cfg.sink_tokens] = True
                 candidates[start : start + cfg.sink_tokens] = False
         sizes = torch.bincount(a.passage_of[a.reused], minlength=len(a.passage_offsets))
         filters = {} if full_reuse else dict(zip(cfg.check_layers(s.num_layers), cfg.schedule))
+        scored = set() if full_reuse else set(range(max(cfg.check_layer - cfg.score_layers + 1, 0), cfg.check_layer))
+        score = torch.zeros(total)
         sel = torch.nonzero(forced).reshape(-1) if full_reuse else torch.arange(total)
         in_order = sel.numel() == total
         h = s.embed(a.ids[sel])
@@ -166,14 +172,16 @@ class Blender:
             keys, values = a.keys[i : i + 1], a.values[i : i + 1]
             q = p.q
             local = None
+            if i in filters or i in scored:
+                score[sel] += self._score(p, keys[:, :, sel], values[:, :, sel], sel, forced, candidates)
             if i in filters:
-                dev = kv_deviation(p.k, p.v, keys[:, :, sel], values[:, :, sel], cfg.deviation)
-                if cfg.attention_weight:
-                    dev = dev * attention_mass(p.q, p.k, sel, forced).pow(cfg.attention_weight)
+                # sink tokens are recomputed reused tokens too: they come out of the ratio's budget
+                keep = max(keep_count(filters[i], n_reused) - sinks, 0)
                 if cfg.per_passage:
-                    local = select_per_group(dev, candidates[sel], forced[sel], a.passage_of[sel], sizes, filters[i])
+                    local = select_per_group(score[sel], candidates[sel], forced[sel], a.passage_of[sel], sizes,
+                                             filters[i])
                 else:
-                    local = select_tokens(dev, candidates[sel], forced[sel], keep_count(filters[i], n_reused))
+                    local = select_tokens(score[sel], candidates[sel], forced[sel], keep)
             keys[:, :, sel] = p.k
             values[:, :, sel] = p.v
             if local is not None and local.numel() != sel.numel():
@@ -181,6 +189,22 @@ class Blender:
             h = s.finish(i, h, q, keys, values, None if in_order else sel)
         logits = s.logits(h[:, -1:])[-1]
         return BlendResult(a.ids, logits, a.keys, a.values, a.reused, sel)
+
+    def _score(self, p: LayerQKV, old_k: torch.Tensor, old_v: torch.Tensor, sel: torch.Tensor,
+               forced: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """One layer's ranking score of the computed tokens ``sel``: deviation x attention^w, mean 1 over candidates."""
+        cfg = self.config
+        dev = kv_deviation(p.k, p.v, old_k, old_v, cfg.deviation)
+        if cfg.attention_weight:
+            queries = forced
+            if cfg.attention_queries:
+                queries = torch.zeros_like(forced)
+                queries[-cfg.attention_queries :] = True
+            dev = dev * attention_mass(p.q, p.k, sel, queries).pow(cfg.attention_weight)
+        cand = candidates[sel]
+        if cand.any():
+            dev = dev / dev[cand].mean().clamp_min(torch.finfo(torch.float32).tiny)
+        return dev
 
     def _check_passage(self, p: PassageKV) -> None:
         s = self.stack
@@ -197,7 +221,7 @@ class Blender:
 
 
 def attention_mass(q: torch.Tensor, k: torch.Tensor, sel: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
-    """Attention each computed token receives from the uncached tokens' queries (summed over heads), ``[n]``.
+    """Attention each computed token receives from the queries of the ``forced`` positions (summed over heads), ``[n]``.
 
     ``q`` ``[1, heads, n, d]``, ``k`` ``[1, kv_heads, n, d]`` at positions ``sel``; causal by position.
     """

@@ -25,7 +25,9 @@ class BlendConfig:
         gradual: optional larger ratios applied at ``check_layer``,
             ``check_layer+1``, ... before ``ratio`` (CacheBlend's gradual
             filtering): each step keeps the most deviating tokens among the
-            previous step's, so the schedule must not increase.
+            previous step's, so the schedule must not increase; a step below
+            ``ratio`` counts as ``ratio``. Default ``(0.3,)``: layer
+            ``check_layer`` keeps 30% of the reused tokens, the later layers ``ratio``.
         min_passage_tokens: passages shorter than this are refused (put short
             text among the uncached tokens instead).
         deviation: how reused tokens are ranked (``kvstore.blend.select``):
@@ -39,27 +41,35 @@ class BlendConfig:
             ``a`` the attention the token receives at the filtering layer from
             the uncached tokens' queries (the question), so deviations that the
             question would read count more. 0 ranks by deviation alone.
+        attention_queries: the attention weight counts the queries of the
+            prompt's last ``attention_queries`` tokens only (0: every uncached token).
+        score_layers: the ranking at ``check_layer`` sums the (attention-weighted,
+            mean-normalised) deviations of this many layers ending there: the
+            full layers before it are computed for every token anyway, so a
+            token's score is measured at several depths at no extra compute.
     """
 
     ratio: float = 0.15
     check_layer: int = 3
-    gradual: tuple[float, ...] = ()
+    gradual: tuple[float, ...] = (0.3,)
     min_passage_tokens: int = 16
     deviation: str = "kv"
     sink_tokens: int = 0
     per_passage: bool = False
-    attention_weight: float = 1.0
+    attention_weight: float = 0.5
+    score_layers: int = 1
+    attention_queries: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) <= 1.0:
             raise InvalidInput(f"ratio must be in [0, 1], got {self.ratio!r}")
         if not isinstance(self.check_layer, int) or self.check_layer < 1:
             raise InvalidInput(f"check_layer must be an integer >= 1, got {self.check_layer!r}")
-        steps = self.schedule
+        steps = tuple(float(g) for g in self.gradual)
         if any(not 0.0 <= s <= 1.0 for s in steps):
             raise InvalidInput(f"gradual ratios must be in [0, 1], got {self.gradual!r}")
         if any(a < b for a, b in pairwise(steps)):
-            raise InvalidInput(f"the filtering schedule {steps} must not increase")
+            raise InvalidInput(f"the gradual schedule {steps} must not increase")
         if self.deviation not in DEVIATIONS:
             raise InvalidInput(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
@@ -67,13 +77,19 @@ class BlendConfig:
         w = self.attention_weight
         if not isinstance(w, (int, float)) or not 0.0 <= float(w) < float("inf"):
             raise InvalidInput(f"attention_weight must be a finite number >= 0, got {w!r}")
+        if not isinstance(self.score_layers, int) or not 1 <= self.score_layers <= self.check_layer:
+            # layer 0 sees embeddings alone: its fresh K/V equal the reused ones, nothing to rank by
+            raise InvalidInput(f"score_layers must be an integer in [1, check_layer], got {self.score_layers!r}")
+        if not isinstance(self.attention_queries, int) or self.attention_queries < 0:
+            raise InvalidInput(f"attention_queries must be an integer >= 0, got {self.attention_queries!r}")
         if self.min_passage_tokens < 1:
             raise InvalidInput(f"min_passage_tokens must be >= 1, got {self.min_passage_tokens}")
 
     @property
     def schedule(self) -> tuple[float, ...]:
-        """The ratio kept at ``check_layer``, ``check_layer+1``, ...; the last is ``ratio``."""
-        return (*(float(g) for g in self.gradual), float(self.ratio))
+        """The ratio kept at ``check_layer``, ``check_layer+1``, ...; the last is ``ratio`` (gradual steps below it are raised to it)."""
+        r = float(self.ratio)
+        return (*(max(float(g), r) for g in self.gradual), r)
 
     @property
     def full_reuse(self) -> bool:

@@ -13,6 +13,7 @@ positions) under a causal mask by position.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 SUPPORTED = ("llama",)
+ATTENTION_BLOCKS = 8
+"""Runs the selected tokens' queries are cut into for attention (see :func:`sparse_attention`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +92,7 @@ class LlamaStack:
         if positions is None:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=attn.scaling, enable_gqa=True)
         else:
-            mask = torch.arange(keys.shape[2], device=q.device)[None, :] <= positions[:, None]
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask[None, None], scale=attn.scaling, enable_gqa=True
-            )
+            out = sparse_attention(q, keys, values, positions, attn.scaling)
         h = h + attn.o_proj(out.transpose(1, 2).reshape(1, q.shape[2], -1))
         new_h: torch.Tensor = h + layer.mlp(layer.post_attention_layernorm(h))
         return new_h
@@ -101,3 +101,31 @@ class LlamaStack:
         """Next-token logits ``[n, vocab]`` of hidden states ``[1, n, hidden]``."""
         out: torch.Tensor = self.model.lm_head(self.inner.norm(h))[0]
         return out
+
+
+def sparse_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float,
+    blocks: int = ATTENTION_BLOCKS,
+) -> torch.Tensor:
+    """Causal attention of queries at ``positions`` (ascending) over the whole prompt's ``keys``/``values``.
+
+    The queries are cut into ``blocks`` runs; each run attends only to the
+    keys up to its last position (a mask handles the rest), so keys past a
+    run are never touched: about half the work of one dense masked call when
+    the queries are spread over the prompt. Same result as the dense call.
+    ``q`` ``[1, heads, n, d]``, ``keys``/``values`` ``[1, kv_heads, T, d]``; returns ``[1, heads, n, d]``.
+    """
+    n = q.shape[2]
+    bounds = [round(n * b / blocks) for b in range(blocks + 1)]
+    outs = []
+    for lo, hi in pairwise(bounds):
+        if hi <= lo:
+            continue
+        pos = positions[lo:hi]
+        end = int(pos[-1]) + 1
+        mask = torch.arange(end, device=q.device)[None, :] <= pos[:, None]
+        outs.append(F.scaled_dot_product_attention(
+            q[:, :, lo:hi], keys[:, :, :end], values[:, :, :end], attn_mask=mask[None, None], scale=scale,
+            enable_gqa=True,
+        ))
+    return torch.cat(outs, dim=2)

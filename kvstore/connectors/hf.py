@@ -15,6 +15,10 @@ Each request (a sequence of token ids) goes through four steps:
 :meth:`HFConnector.generate` decodes on top and, unless told not to, stores
 the KV of the reply's tokens too, so the next turn of a chat (whose prompt is
 the whole history) reuses it. docs/connectors.md describes the guarantees.
+
+RAG prompts: :meth:`HFConnector.generate_blended` reuses retrieved passages'
+KV by content wherever they sit in the prompt (CacheBlend;
+:mod:`kvstore.connectors.hf_blend`, docs/blend.md).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from kvstore.blend.config import BlendConfig
 from kvstore.connectors.hf_backend import HFBackend, PrefixHit, as_backend
 from kvstore.connectors.hf_spec import check_namespace, model_and_spec
 from kvstore.connectors.hf_writer import ChunkWriter, StoreJob, WriterStats, snapshot
@@ -42,6 +47,7 @@ if TYPE_CHECKING:
     from transformers import DynamicCache, PreTrainedModel
 
     from kvstore.client import Client
+    from kvstore.connectors.hf_blend import BlendedGeneration, PassageBlender
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +198,7 @@ class HFConnector:
         self._chunk_nbytes = self.ns.chunk_nbytes
         self._writer = ChunkWriter(self.backend, self._chunk_dtype, config.queue_depth, config.queue_timeout_s)
         self._counts = dict.fromkeys(("requests", "prompt", "hit", "found", "loaded", "lost", "errors"), 0)
+        self._blenders: dict[BlendConfig, PassageBlender] = {}
 
     # -- requests --------------------------------------------------------------------------
     def prefill(self, ids: TokenInput) -> PrefillResult:
@@ -257,6 +264,45 @@ class HFConnector:
             c = self.ns.chunk_tokens
             self._store(prefix_keys(self.ns, fed), tokens.size // c, fed.size // c, cache)
         return GenerateResult(tuple(out), first.prompt_tokens, first.hit_tokens, first.seconds, time.perf_counter() - t0)
+
+    # -- RAG prompts: blended passage KV (docs/blend.md) -----------------------------------
+    def blender(self, config: BlendConfig | None = None) -> PassageBlender:
+        """The passage blender of this connector's store for ``config`` (default ``BlendConfig()``), made once.
+
+        Raises:
+            InvalidInput: the model is not Llama-architecture; see :class:`kvstore.blend.blender.Blender`.
+        """
+        config = config or BlendConfig()
+        if config not in self._blenders:
+            from kvstore.connectors.hf_blend import PassageBlender
+
+            self._blenders[config] = PassageBlender(self, config)
+        return self._blenders[config]
+
+    def generate_blended(
+        self,
+        passages: Sequence[TokenInput],
+        question: TokenInput,
+        max_new_tokens: int,
+        *,
+        head: TokenInput = (),
+        config: BlendConfig | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> BlendedGeneration:
+        """Greedy reply to ``head + passages + question``, each passage's KV reused from the store by content.
+
+        A passage seen before (in any prompt, at any position) is read back by
+        its content key; one never seen is computed on its own and stored.
+        ``config.ratio`` of the passage tokens are recomputed (default 0.15);
+        the head and the question always are. See
+        :class:`kvstore.connectors.hf_blend.PassageBlender`.
+
+        Raises:
+            InvalidInput: a passage shorter than ``config.min_passage_tokens``, bad ids,
+                ``max_new_tokens`` < 1, or more tokens than the model's positions.
+        """
+        return self.blender(config).generate(passages, question, max_new_tokens, head=head,
+                                             eos_token_ids=eos_token_ids)
 
     # -- lifecycle -------------------------------------------------------------------------
     def flush(self) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from kvstore.buffers import BufferLike
 from kvstore.errors import InvalidInput
-from kvstore.keys import ChunkKey, Namespace
+from kvstore.keys import ChunkKey, Namespace, content_key
 from kvstore.tiers.store import TieredStore
 
 if TYPE_CHECKING:
@@ -40,6 +40,14 @@ class PrefixHit:
     @property
     def chunks(self) -> int:
         return len(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class PassageHit:
+    """A passage's KV read by content key: its size in bytes and the first position it was computed at."""
+
+    nbytes: int
+    start_position: int
 
 
 class HFBackend(ABC):
@@ -74,6 +82,21 @@ class HFBackend(ABC):
     def flush(self) -> None:
         """Wait for the backend's own background writes (lower tiers), where it has any."""
 
+    def put_passage(self, ns: Namespace, tokens: Sequence[int], data: BufferLike) -> bool:
+        """Store a passage's KV (computed on its own at positions 0..) under its content key; whether it is held.
+
+        The content key (``kvstore.keys.content_key``) hashes the tokens alone,
+        so the passage is found again wherever it recurs in a later prompt.
+        """
+        return self.put_many(ns, [content_key(ns, tokens)], [data])[0]
+
+    def get_passages(
+        self, ns: Namespace, passages: Sequence[Sequence[int]], outs: Sequence[BufferLike]
+    ) -> list[PassageHit | None]:
+        """Read each passage's KV by content key into its buffer (sized for the passage); None where missing."""
+        sizes = self.get_many(ns, [content_key(ns, p) for p in passages], outs, None)
+        return [None if size is None else PassageHit(size, 0) for size in sizes]
+
 
 class StoreBackend(HFBackend):
     """A tiered store in this process."""
@@ -102,6 +125,23 @@ class StoreBackend(HFBackend):
 
     def flush(self) -> None:
         self.store.flush()
+
+    def put_passage(self, ns: Namespace, tokens: Sequence[int], data: BufferLike) -> bool:
+        """Through the store's chunk-cache index (``kvstore.blend.passages.PassageCache`` finds it too)."""
+        ids = [int(t) for t in tokens]
+        self.store.put_chunk_cache(ns, ids, data, 0)
+        return self.store.lookup_chunk_caches(ns, [ids])[0] is not None
+
+    def get_passages(
+        self, ns: Namespace, passages: Sequence[Sequence[int]], outs: Sequence[BufferLike]
+    ) -> list[PassageHit | None]:
+        """Through the chunk-cache index, which also knows where each passage was computed."""
+        entries = self.store.lookup_chunk_caches(ns, [list(p) for p in passages])
+        hits: list[PassageHit | None] = []
+        for entry, ids, out in zip(entries, passages, outs, strict=True):
+            size = None if entry is None or entry.num_tokens != len(ids) else self.store.get(ns, entry.key, out)
+            hits.append(None if entry is None or size is None else PassageHit(size, entry.start_position))
+        return hits
 
 
 class ClientBackend(HFBackend):
