@@ -2,7 +2,7 @@
 
 One request's tokens (default 2048, SmolLM2-135M's geometry: 30 layers, 3 kv
 heads, head dim 64, bf16) sit in a vLLM FlashAttention cache (NHD, blocks of
-16) in shuffled blocks. Timed, interleaved, after a warm-up:
+16) in shuffled blocks. Timed after a warm-up, in paired rounds:
 
 - ``gather``: ``kvstore.connectors.paged.gather`` into a preallocated chunk
   (slot checks included);
@@ -11,10 +11,14 @@ heads, head dim 64, bf16) sit in a vLLM FlashAttention cache (NHD, blocks of
 - ``memcpy``: ``Tensor.copy_`` of a chunk-sized tensor into another, the
   fastest way to move those bytes at all.
 
-Ratios are throughput over memcpy's (higher is better, 1.0 = as fast as a
-plain copy); ``paged_vs_memcpy`` is the lower of the two. Medians of
-``--iters`` runs; torch runs on ``--threads`` threads (default 1: on a small
-shared machine one thread is the steadiest; the copy gets the same).
+A round is ``memcpy, gather, memcpy, scatter, memcpy`` (gather and scatter
+swap places every other round); each operation's ratio in a round is the mean
+of the two memcpy times around it over its own time, so a burst of background
+load hits both sides of the ratio. Ratios are throughput over memcpy's (higher
+is better, 1.0 = as fast as a plain copy): the median over ``--iters`` rounds;
+``paged_vs_memcpy`` is the lower of the gather and scatter medians. Torch
+runs on ``--threads`` threads (default 1: on a small shared machine one thread
+is the steadiest; the copy gets the same).
 
     python -m kvstore.benchmarks.paged [--json] [--quick] [--tokens N] [--layout NAME] ...
 """
@@ -23,16 +27,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from kvstore.benchmarks.common import (
-    Case,
     Report,
+    Timing,
     add_common_arguments,
     finish,
-    measure_interleaved,
+    format_rate,
+    format_ratio,
+    gc_paused,
+    percentile,
     positive_int,
     quick_default,
     say,
@@ -41,7 +50,16 @@ from kvstore.connectors.paged import PagedKVCache, gather, scatter
 from kvstore.connectors.paged_layouts import get_layout, layout_names
 from kvstore.models import torch_threads
 
-__all__ = ["PagedBenchConfig", "add_arguments", "bench_paged", "main", "measure_paged", "run"]
+__all__ = [
+    "PagedBenchConfig",
+    "PairedTimings",
+    "add_arguments",
+    "bench_paged",
+    "main",
+    "measure_paged",
+    "measure_paired",
+    "run",
+]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -63,7 +81,7 @@ class PagedBenchConfig:
     warmup: int = 2
     seed: int = 0
     #: torch threads while timing (None: leave torch's setting alone)
-    threads: int | None = None
+    threads: int | None = 1
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "num_tokens", "iters"):
@@ -87,8 +105,63 @@ def _pages(c: PagedBenchConfig, gen: torch.Generator) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=gen).to(dtype) for _ in range(c.num_layers)]
 
 
+@dataclass(frozen=True, slots=True)
+class PairedTimings:
+    """Times of each operation and of its baseline, and the ratio of every round (baseline time / op time)."""
+
+    timings: dict[str, Timing]
+    ratios: dict[str, tuple[float, ...]]
+
+    def ratio(self, name: str) -> float:
+        """Median over the rounds of ``name``'s ratio (throughput over the baseline's)."""
+        return percentile(self.ratios[name], 50.0)
+
+
+def measure_paired(
+    ops: dict[str, Callable[[], object]], baseline: Callable[[], object], *, iters: int, warmup: int
+) -> PairedTimings:
+    """Time each op between two runs of ``baseline``, round after round; ratios are taken per round.
+
+    A round runs ``baseline, op1, baseline, op2, ..., baseline``, the ops in
+    reverse order every other round; an op's ratio is the mean of the two
+    baseline times around it over its time. The first ``warmup`` rounds are
+    discarded; the garbage collector is paused while timing.
+
+    Raises:
+        ValueError: ``iters`` < 1, ``warmup`` < 0 or no ops.
+    """
+    if iters < 1 or warmup < 0 or not ops:
+        raise ValueError("need iters >= 1, warmup >= 0 and at least one op")
+    clock = time.perf_counter
+    names = list(ops)
+    samples: dict[str, list[float]] = {name: [] for name in [*names, "memcpy"]}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+
+    def timed(op: Callable[[], object]) -> float:
+        t0 = clock()
+        op()
+        return clock() - t0
+
+    with gc_paused():
+        for i in range(warmup + iters):
+            order = names if i % 2 == 0 else names[::-1]
+            before = timed(baseline)
+            for name in order:
+                took = timed(ops[name])
+                after = timed(baseline)
+                if i >= warmup:
+                    samples[name].append(took)
+                    samples["memcpy"].append(after)
+                    ratios[name].append((before + after) / 2 / took)
+                before = after
+    return PairedTimings(
+        {name: Timing(tuple(s)) for name, s in samples.items()},
+        {name: tuple(r) for name, r in ratios.items()},
+    )
+
+
 def bench_paged(c: PagedBenchConfig) -> Report:
-    """Measure gather, scatter and memcpy interleaved; returns the report (lines printed as measured)."""
+    """Measure gather and scatter against memcpy in paired rounds; returns the report (lines printed as measured)."""
     gen = torch.Generator().manual_seed(c.seed)
     cache = PagedKVCache.wrap(_pages(c, gen), c.layout)
     if cache.geometry.num_blocks < c.blocks_used:
@@ -98,27 +171,35 @@ def bench_paged(c: PagedBenchConfig) -> Report:
     shape = cache.geometry.chunk_shape(c.num_tokens)
     chunk = torch.randn(shape, generator=gen).to(cache.dtype)
     out, dst = torch.empty_like(chunk), torch.empty_like(chunk)
-    cases = {
-        "paged_gather": Case(lambda i: gather(cache, slots, out)),
-        "paged_scatter": Case(lambda i: scatter(cache, slots, chunk)),
-        "memcpy": Case(lambda i: dst.copy_(chunk)),
+    ops: dict[str, Callable[[], object]] = {
+        "paged_gather": lambda: gather(cache, slots, out),
+        "paged_scatter": lambda: scatter(cache, slots, chunk),
     }
     nbytes = chunk.numel() * chunk.element_size()
     report = Report()
     report.record("paged_bytes", nbytes)
     report.record("paged_tokens", c.num_tokens)
     report.record("paged_threads", torch.get_num_threads())
+    report.record("paged_rounds", c.iters)
     say(
         f"{c.layout}: {c.num_tokens} tokens in {c.blocks_used} shuffled blocks, {nbytes / 1e6:.1f} MB a chunk"
     )
-    timings = measure_interleaved(cases, iters=c.iters, warmup=c.warmup)
-    gather_ratio = report.compare_rates(
-        "gather (pages -> chunk)", "paged_gather_vs_memcpy", timings, "paged_gather", "memcpy", nbytes
-    )
-    scatter_ratio = report.compare_rates(
-        "scatter (chunk -> pages)", "paged_scatter_vs_memcpy", timings, "paged_scatter", "memcpy", nbytes
-    )
-    report.record("paged_vs_memcpy", round(min(gather_ratio, scatter_ratio), 3))
+    paired = measure_paired(ops, lambda: dst.copy_(chunk), iters=c.iters, warmup=c.warmup)
+    memcpy_rate = report.throughput("memcpy", paired.timings["memcpy"], nbytes)
+    ratios = []
+    for name, label in (("paged_gather", "gather (pages -> chunk)"), ("paged_scatter", "scatter (chunk -> pages)")):
+        rate = report.throughput(name, paired.timings[name], nbytes)
+        ratio = paired.ratio(name)
+        low = percentile(paired.ratios[name], 25.0)
+        report.record(f"{name}_vs_memcpy", round(ratio, 3))
+        report.record(f"{name}_vs_memcpy_p25", round(low, 3))
+        report.row(label, format_rate(rate), f"memcpy {format_rate(memcpy_rate)}", format_ratio(ratio),
+                   f"{name}_vs_memcpy")
+        say(f"{label:<40} {format_rate(rate):>12}   vs memcpy {format_rate(memcpy_rate):<23} "
+            f"{format_ratio(ratio)} (per-round median; 25th percentile {format_ratio(low)})")
+        ratios.append(round(ratio, 3))
+    report.record("paged_vs_memcpy", min(ratios))
+    gather(cache, slots, out)  # the last round may have gathered before it scattered
     if not torch.equal(out.view(torch.uint8), chunk.view(torch.uint8)):
         raise AssertionError("gather did not return the scattered chunk")  # the timed work was real
     return report
@@ -127,9 +208,11 @@ def bench_paged(c: PagedBenchConfig) -> Report:
 def measure_paged(**options: object) -> dict[str, float]:
     """Run the benchmark (keyword arguments are :class:`PagedBenchConfig` fields); returns its figures.
 
-    Keys include ``paged_vs_memcpy`` (min of the two ratios), ``paged_gather_vs_memcpy``,
-    ``paged_scatter_vs_memcpy`` and the throughputs ``paged_gather_mbps``,
-    ``paged_scatter_mbps``, ``memcpy_mbps`` (MB/s, medians).
+    Keys include ``paged_vs_memcpy`` (the lower of the two ratios), ``paged_gather_vs_memcpy``,
+    ``paged_scatter_vs_memcpy`` (medians of the per-round ratios), their 25th percentiles
+    ``paged_gather_vs_memcpy_p25`` / ``paged_scatter_vs_memcpy_p25``, and the throughputs
+    ``paged_gather_mbps``, ``paged_scatter_mbps``, ``memcpy_mbps`` (MB/s, medians). Torch runs
+    on one thread unless ``threads`` says otherwise (``threads=None``: as it is set).
 
     Raises:
         ValueError: a bad option.

@@ -15,10 +15,13 @@ vLLM imports ``kv_connector_module_path`` and takes the class named
 
 Keys are vLLM's own block hashes (``request.block_hashes``) wrapped per chunk
 under scheme ``vllm`` (docs/keys.md); the tenant is the request's
-``cache_salt`` (``default_tenant`` without one). Loads are synchronous: the
-scheduler side plans them, the worker side runs them before the forward pass
-and reports the blocks of any chunk that could not be read through
-``get_block_ids_with_load_errors``.
+``cache_salt`` (``default_tenant`` without one); every tensor/pipeline shard
+keeps its own chunks (MLA: one copy for all tensor ranks). The scheduler side
+plans loads of what every shard holds and saves of whole chunks (prompt and,
+with ``save_decode``, generated tokens); the worker side runs loads before the
+forward pass (or, with ``async_load``, on a background thread, reported through
+``get_finished``) and reports the blocks of any chunk that could not be read
+through ``get_block_ids_with_load_errors``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from kvstore.connectors.vllm_events import convert, to_vllm_structs
 from kvstore.connectors.vllm_meta import KVStoreConnectorMetadata
 from kvstore.connectors.vllm_scheduler import SchedulerSide
 from kvstore.connectors.vllm_settings import AdapterSettings
-from kvstore.connectors.vllm_spec import engine_geometry
+from kvstore.connectors.vllm_spec import engine_geometry, shard_geometries
 from kvstore.connectors.vllm_worker import WorkerSide
 from kvstore.errors import InvalidInput
 from kvstore.keys import NamespaceId
@@ -61,18 +64,22 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.scheduler: SchedulerSide | None = None
         self.worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
+            shards = shard_geometries(vllm_config, self.settings.chunk_tokens, self.settings.model_revision)
             self.scheduler = SchedulerSide(
-                self.geometry, self.backend, self.settings.default_tenant, self.settings.lease_ttl_s
+                self.geometry, self.backend, self.settings.default_tenant, self.settings.lease_ttl_s,
+                shards=shards, save_decode=self.settings.save_decode, async_load=self.settings.async_load,
             )
         else:
             self.worker = WorkerSide(self.geometry, self.backend, self.settings.paged_layout)
 
     # -- scheduler side ---------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._sched().matched_tokens(request, num_computed_tokens), False
+        """Tokens the store adds to vLLM's own hit, and whether they load asynchronously (``async_load``)."""
+        tokens = self._sched().matched_tokens(request, num_computed_tokens)
+        return tokens, self.settings.async_load and tokens > 0
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        self._sched().after_alloc(request, num_external_tokens)
+        self._sched().after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return self._sched().build_meta(scheduler_output)
@@ -102,7 +109,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._work().start_load(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete inside start_load_kv
+        return  # synchronous loads complete inside start_load_kv; asynchronous ones are reported by get_finished
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # chunks span every layer: they are gathered once the step is done (wait_for_save)
@@ -113,12 +120,16 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._work().save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None  # nothing is sent or received asynchronously
+        """``(None, requests whose asynchronous load ended)``: saves never outlive their step."""
+        loaded = self._work().finished_loads()
+        return None, (loaded or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._work().take_load_errors()
 
     def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
         self.backend.close()
 
     # -- helpers ----------------------------------------------------------------------

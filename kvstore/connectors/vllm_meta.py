@@ -20,7 +20,10 @@ class LoadSpec:
 
     Invariants: ``block_hashes`` covers whole chunks ``first_chunk ..``, the
     last of which ends at ``end_token``; ``start_token`` is block-aligned and
-    inside the first chunk; ``block_ids[i]`` holds block ``start_token // B + i``.
+    inside the first chunk; ``block_ids[i]`` holds block ``start_token // B + i``;
+    ``leases`` holds ``(tp_rank, pp_rank, lease)`` of each shard the lookup
+    pinned (each worker uses and releases its own); ``is_async`` loads run in
+    the background and are reported through ``get_finished``.
     """
 
     req_id: str
@@ -30,7 +33,15 @@ class LoadSpec:
     start_token: int
     end_token: int
     block_ids: tuple[int, ...]
-    lease: int | None
+    leases: tuple[tuple[int, int, int | None], ...] = ()
+    is_async: bool = False
+
+    def lease_of(self, tp_rank: int, pp_rank: int) -> int | None:
+        """The lease the lookup took in the namespace of shard ``(tp_rank, pp_rank)``, or None."""
+        for tp, pp, lease in self.leases:
+            if (tp, pp) == (tp_rank, pp_rank):
+                return lease
+        return None
 
 
 @dataclass(frozen=True, slots=True)

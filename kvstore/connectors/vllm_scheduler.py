@@ -7,7 +7,18 @@ tokens arrive), ``cache_salt``, ``num_tokens`` and ``num_prompt_tokens``; a
 ``block_ids`` per KV cache group, ``num_computed_tokens``),
 ``scheduled_cached_reqs`` (``CachedRequestData``: ``req_ids``,
 ``resumed_req_ids``, ``new_block_ids``, ``num_computed_tokens``) and
-``num_scheduled_tokens``.
+``num_scheduled_tokens``; ``update_state_after_alloc`` receives the request's
+``KVCacheBlocks`` (``get_block_ids()``: one list per KV cache group).
+
+Lookups ask every shard of the replica (each tensor rank keeps its own
+chunks) and plan the prefix all of them hold; the lease each shard's lookup
+took travels in the :class:`LoadSpec` to the worker of that shard. Saves cover
+whole chunks as they are computed: prompt chunks, and with ``save_decode``
+the chunks that generated tokens fill (a chunk whose last token was sampled
+but never run through the model is not whole yet: its KV does not exist).
+With ``async_load`` a load is planned as soon as its blocks are allocated
+(vLLM does not schedule the request until the worker reports the load
+finished).
 """
 
 from __future__ import annotations
@@ -31,8 +42,9 @@ class _PendingLoad:
     """A lookup's hit waiting for the scheduler's allocation (then for the next plan)."""
 
     hit_chunks: int
-    lease: int | None
+    leases: tuple[tuple[int, int, int | None], ...]  # (tp_rank, pp_rank, lease) of each shard
     start_token: int = -1  # set by update_state_after_alloc
+    is_async: bool = False
 
     @property
     def confirmed(self) -> bool:
@@ -58,12 +70,19 @@ class _Tracker:
 class SchedulerSide:
     """Plans loads and saves for the worker side; owns the leases its lookups take."""
 
-    def __init__(self, geometry: EngineGeometry, backend: ChunkBackend, default_tenant: str, lease_ttl_s: float) -> None:
+    def __init__(
+        self, geometry: EngineGeometry, backend: ChunkBackend, default_tenant: str, lease_ttl_s: float, *,
+        shards: Sequence[EngineGeometry] | None = None, save_decode: bool = True, async_load: bool = False,
+    ) -> None:
         self.geometry = geometry
         self.backend = backend
         self.default_tenant = default_tenant
         self.lease_ttl_s = lease_ttl_s
-        self._namespaces: dict[str, Namespace] = {}
+        #: every shard of the replica whose chunks a hit needs (default: this one alone)
+        self.shards: list[EngineGeometry] = list(shards) if shards else [geometry]
+        self.save_decode = save_decode
+        self.async_load = async_load
+        self._namespaces: dict[tuple[str, int], Namespace] = {}
         self._trackers: dict[str, _Tracker] = {}
 
     # -- namespaces -------------------------------------------------------------------
@@ -71,11 +90,12 @@ class SchedulerSide:
         salt = getattr(request, "cache_salt", None)
         return str(salt) if salt else self.default_tenant
 
-    def namespace(self, tenant: str) -> Namespace:
-        """The tenant's namespace, registered with the backend on first use."""
-        ns = self._namespaces.get(tenant)
+    def namespace(self, tenant: str, shard: int = 0) -> Namespace:
+        """The tenant's namespace on ``self.shards[shard]``, registered with the backend on first use."""
+        ns = self._namespaces.get((tenant, shard))
         if ns is None:
-            ns = self._namespaces[tenant] = self.backend.register(namespace_for(self.geometry, tenant))
+            ns = self.backend.register(namespace_for(self.shards[shard], tenant))
+            self._namespaces[(tenant, shard)] = ns
         return ns
 
     def namespace_ids(self) -> set[NamespaceId]:
@@ -83,30 +103,45 @@ class SchedulerSide:
 
     # -- the scheduler's calls --------------------------------------------------------
     def matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
-        """Tokens beyond ``num_computed_tokens`` the store can supply (whole chunks, never the last token)."""
+        """Tokens beyond ``num_computed_tokens`` every shard can supply (whole chunks, never the last token)."""
         tracker = self._track(request)
         self._drop_load(tracker)
         c = self.geometry.chunk_tokens
         # vLLM must compute at least one token of the prompt itself
-        limit = max(0, (int(request.num_tokens) - 1) // c)
+        hit_chunks = max(0, (int(request.num_tokens) - 1) // c)
+        hashes = list(request.block_hashes)
+        leases: list[tuple[int, int, int | None]] = []
         try:
-            ns = self.namespace(tracker.tenant)
-            keys = engine_prefix_keys(ns, list(request.block_hashes), self.geometry.block_size)[:limit]
-            hit = self.backend.lookup(ns, keys, lease=True, ttl_s=self.lease_ttl_s)
+            for i, shard in enumerate(self.shards):
+                if hit_chunks == 0:
+                    break
+                ns = self.namespace(tracker.tenant, i)
+                keys = engine_prefix_keys(ns, hashes, shard.block_size)[:hit_chunks]
+                if not keys:
+                    hit_chunks = 0
+                    break
+                hit = self.backend.lookup(ns, keys, lease=True, ttl_s=self.lease_ttl_s)
+                leases.append((shard.spec.shard.tp_rank, shard.spec.shard.pp_rank, hit.lease))
+                hit_chunks = min(hit_chunks, hit.chunks)
         except (KVStoreError, OSError) as exc:  # the store is unreachable: a miss, vLLM computes
+            _release_all(self.backend, leases)
             if isinstance(exc, InvalidInput):
                 raise
             log.warning("kvstore lookup failed: %s", exc)
             return 0
-        tracker.saved_chunks = max(tracker.saved_chunks, hit.chunks)
-        if hit.chunks * c <= num_computed_tokens:
-            release_quietly(self.backend, hit.lease)
+        tracker.saved_chunks = max(tracker.saved_chunks, hit_chunks)
+        if hit_chunks * c <= num_computed_tokens:
+            _release_all(self.backend, leases)
             return 0
-        tracker.load = _PendingLoad(hit.chunks, hit.lease)
-        return hit.chunks * c - num_computed_tokens
+        tracker.load = _PendingLoad(hit_chunks, tuple(leases))
+        return hit_chunks * c - num_computed_tokens
 
-    def after_alloc(self, request: Any, num_external_tokens: int) -> None:
-        """Confirm (or drop) the pending load once vLLM has allocated blocks for it."""
+    def after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        """Confirm (or drop) the pending load once vLLM has allocated blocks for it.
+
+        An asynchronous load takes its block ids from ``blocks`` (the request's
+        ``KVCacheBlocks``): vLLM will not schedule the request until it is loaded.
+        """
         tracker = self._track(request)
         load = tracker.load
         if num_external_tokens <= 0 or load is None:
@@ -117,10 +152,20 @@ class SchedulerSide:
         if start < 0 or start % self.geometry.block_size:
             raise InvalidInput(f"cannot load {num_external_tokens} tokens ending at {end}: not block-aligned")
         load.start_token = start
+        if self.async_load:
+            if blocks is None or not hasattr(blocks, "get_block_ids"):
+                raise InvalidInput("an asynchronous load needs the request's KVCacheBlocks")
+            tracker.block_ids = _group0(blocks.get_block_ids())
+            load.is_async = True
 
     def build_meta(self, scheduler_output: Any) -> KVStoreConnectorMetadata:
         """This step's plan; consumes the confirmed loads."""
         meta = KVStoreConnectorMetadata()
+        for req_id, tracker in self._trackers.items():  # asynchronous loads: their requests wait, unscheduled
+            load = tracker.load
+            if load is not None and load.confirmed and load.is_async:
+                meta.loads.append(self._load_spec(req_id, tracker, load))
+                tracker.load = None  # the worker now owns the leases
         scheduled: dict[str, int] = dict(scheduler_output.num_scheduled_tokens)
         for new in scheduler_output.scheduled_new_reqs:
             self._plan(meta, new.req_id, _group0(new.block_ids), True, new.num_computed_tokens, scheduled)
@@ -149,7 +194,7 @@ class SchedulerSide:
 
     def _drop_load(self, tracker: _Tracker) -> None:
         if tracker.load is not None:
-            release_quietly(self.backend, tracker.load.lease)
+            _release_all(self.backend, tracker.load.leases)
             tracker.load = None
 
     def _plan(
@@ -180,16 +225,20 @@ class SchedulerSide:
         ids = (tracker.block_ids or [])[load.start_token // g.block_size : end // g.block_size]
         if len(ids) * g.block_size != end - load.start_token:
             raise InvalidInput(f"request {req_id} has {len(ids)} blocks for a load of {end - load.start_token} tokens")
-        return LoadSpec(req_id, tracker.tenant, tuple(hashes), first, load.start_token, end, tuple(ids), load.lease)
+        return LoadSpec(
+            req_id, tracker.tenant, tuple(hashes), first, load.start_token, end, tuple(ids), load.leases, load.is_async
+        )
 
     def _save_spec(self, req_id: str, tracker: _Tracker, done_tokens: int) -> SaveSpec | None:
-        """Whole prompt chunks that are computed once this step ends and not yet saved."""
+        """Whole chunks that are computed once this step ends and not yet saved (prompt only without save_decode)."""
         g = self.geometry
         per = g.blocks_per_chunk
         request = tracker.request
         ids = tracker.block_ids or []
+        if not self.save_decode:
+            done_tokens = min(done_tokens, int(request.num_prompt_tokens))
         upto = min(
-            min(done_tokens, int(request.num_prompt_tokens)) // g.chunk_tokens,
+            done_tokens // g.chunk_tokens,
             len(request.block_hashes) // per,
             len(ids) // per,
         )
@@ -199,6 +248,11 @@ class SchedulerSide:
         tracker.saved_chunks = upto
         hashes = request.block_hashes[first * per : upto * per]
         return SaveSpec(req_id, tracker.tenant, tuple(hashes), first, tuple(ids[first * per : upto * per]))
+
+
+def _release_all(backend: ChunkBackend, leases: Sequence[tuple[int, int, int | None]]) -> None:
+    for _, _, lease in leases:
+        release_quietly(backend, lease)
 
 
 def _group0(block_ids: Sequence[Sequence[int]]) -> list[int]:

@@ -42,6 +42,10 @@ class AdapterSettings:
         paged_layout: vLLM only: how a layer's paged cache is laid out; ``auto``
             tells by shape (docs/engines.md).
         model_revision: revision recorded in the KV spec (the engine's own when None).
+        save_decode: vLLM only: also store the KV of generated tokens, a chunk at a time
+            as decoding fills chunks (prompt chunks are always stored).
+        async_load: vLLM only: load in a background thread; the scheduler is told
+            ``load_async`` and the worker reports finished loads through ``get_finished``.
     """
 
     backend: BackendKind = "local"
@@ -57,6 +61,8 @@ class AdapterSettings:
     lease_ttl_s: float = 30.0
     paged_layout: PagedLayout = "auto"
     model_revision: str | None = None
+    save_decode: bool = True
+    async_load: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in get_args(BackendKind):
@@ -96,6 +102,10 @@ def _coerce(name: str, type_name: object, value: object) -> object:
     declared = str(type_name)
     if value is None and "None" in declared:
         return None
+    if declared.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        raise InvalidInput(f"setting {name!r} must be a bool, got {type(value).__name__} {value!r}")
     if declared.startswith("int") and isinstance(value, int) and not isinstance(value, bool):
         return value
     if declared.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -532,3 +533,49 @@ def test_errors_are_kvstore_value_errors() -> None:
     with pytest.raises(InvalidInput):
         PagedLayout("bad", ("kv", "block", "token", "dim"))
     assert get_layout("mla").is_mla and get_layout("sglang_page_first").all_layers
+
+
+# ---------------------------------------------------------------- coalesced copies on the CPU
+
+
+@pytest.mark.parametrize(
+    ("rows", "group"),
+    [
+        ([8, 9, 10, 11, 0, 1, 2, 3], 4),  # two aligned runs of 4
+        ([8, 9, 10, 11, 12, 13, 14, 15], 8),  # adjacent blocks merge into one run
+        ([2, 3, 4, 5], 2),  # a run starting at 2 is aligned to 2 only
+        ([1, 2, 3, 4], 1),  # misaligned: row by row
+        ([0, 1, 0, 1], 2),  # a repeated run
+        ([5, 5], 1),
+        ([7], 1),
+        ([], 1),
+    ],
+)
+def test_coalesce_groups_aligned_runs(rows: list[int], group: int) -> None:
+    from kvstore.connectors.paged_torch import coalesce
+
+    got_group, items = coalesce(np.asarray(rows, dtype=np.int64))
+    assert got_group == group
+    expanded = [int(item) * group + i for item in items for i in range(group)]
+    assert expanded == rows
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.layout in ("vllm_flash_nhd", "mla")], ids=lambda c: c.layout)
+def test_block_aligned_transfers_move_whole_blocks(case: Case) -> None:
+    """A block-aligned range of a token-major layout is copied a block at a time, and still exactly."""
+    from kvstore.connectors.paged_torch import coalesce
+
+    g = Geometry()
+    pages = make_pages(case, g, torch.bfloat16, seed=31)
+    cache = wrap(case, pages, g)
+    table = shuffled_table(g, 3, seed=32)
+    slots = cache.block_table_slots(table)
+    group, _ = coalesce(cache.rowmap.rows(slots).numpy())
+    assert group % g.block_size == 0
+    chunk = gather(cache, slots)
+    assert same_bytes(chunk, reference_gather(case, pages, g, slots.tolist(), torch.bfloat16))
+    fresh = random_bytes(tuple(chunk.shape), torch.bfloat16, torch.Generator().manual_seed(33))
+    expected = clone_pages(pages)
+    scatter(cache, slots, fresh)
+    reference_scatter(case, expected, g, slots.tolist(), fresh)
+    assert pages_equal(pages, expected)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
 from kvstore.benchmarks.paged import PagedBenchConfig, main, measure_paged
 from kvstore.models import torch_threads
@@ -42,3 +43,29 @@ def test_bad_options() -> None:
         measure_paged(no_such_option=1)
     with pytest.raises(ValueError, match="cannot hold"):
         measure_paged(num_layers=1, num_tokens=64, num_blocks=2, iters=1)
+
+
+def test_paired_rounds_take_the_ratio_per_round() -> None:
+    from kvstore.benchmarks.paged import measure_paired
+
+    calls: list[str] = []
+
+    def op(name: str) -> Callable[[], None]:
+        return lambda: calls.append(name)
+
+    paired = measure_paired({"a": op("a"), "b": op("b")}, op("m"), iters=3, warmup=1)
+    # memcpy around every op; the ops swap places every other round
+    first, second = ["m", "a", "m", "b", "m"], ["m", "b", "m", "a", "m"]
+    assert calls == first + second + first + second  # one warm-up round, then three
+    assert len(paired.ratios["a"]) == 3 and len(paired.timings["memcpy"].samples) == 6
+    assert all(r > 0 for r in paired.ratios["a"]) and paired.ratio("b") > 0
+    with pytest.raises(ValueError):
+        measure_paired({}, op("m"), iters=1, warmup=0)
+
+
+def test_measure_paged_runs_on_one_thread_by_default() -> None:
+    with torch_threads(2):
+        got = measure_paged(num_layers=1, num_tokens=32, iters=1, warmup=0)
+        assert torch.get_num_threads() == 2
+    assert got["paged_threads"] == 1
+    assert 0 < got["paged_gather_vs_memcpy_p25"]

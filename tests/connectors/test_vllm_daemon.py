@@ -79,7 +79,7 @@ def test_vllm_chunk_deleted_between_lookup_and_load(daemon: DataPlaneProcess) ->
         assert isinstance(meta, KVStoreConnectorMetadata)
         with Client.connect(daemon.tcp_url) as other:
             other.register(ns)
-            other.release(meta.loads[0].lease)  # the lease is given up, then another client drops chunk 1
+            other.release(meta.loads[0].lease_of(0, 0))  # the lease is given up, then another client drops chunk 1
             assert other.delete(ns, key1)
         b.worker.bind_connector_metadata(meta)
         b.worker.start_load_kv(None)
