@@ -85,3 +85,14 @@ def rope(
     table: Buffer,
     rotate: bool,
 ) -> None: ...
+def transform(
+    src: Buffer,
+    dst: Buffer,
+    slabs: int,
+    tokens: int,
+    exact: int,
+    heads: int,
+    head_dim: int,
+    matrices: Buffer,
+    live: Buffer | None,
+) -> None: ...

@@ -8,7 +8,10 @@ to each channel, :mod:`cachegen_calibrate`), raised where a channel's range
 would need more than 255 symbols; every value is off by at most half its
 channel's step before the final rounding to the chunk's dtype. With
 ``rope_theta``, keys are un-rotated (RoPE, positions within the chunk) before
-quantizing and rotated back after decoding (:mod:`cachegen_rope`). The first
+quantizing and rotated back after decoding (:mod:`cachegen_rope`). With a
+profile that holds a per-head transform, the values are quantized as that
+transform's components with one step per level (:mod:`cachegen_transform`);
+such containers (format 3) name the profile as ``transform``. The first
 ``exact_tokens`` tokens of a chunk (the attention sink at a sequence start)
 are stored verbatim. Symbols are range-coded with a static 16-bit table per
 (slab, channel), taken from a shared :class:`CachegenProfile` where one is
@@ -26,7 +29,7 @@ values (its sensitivity, when it has one, sets the steps).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from kvstore.buffers import U8
@@ -41,6 +44,7 @@ from kvstore.codecs.cachegen_params import (
     QuantPlan,
 )
 from kvstore.codecs.cachegen_profile import CachegenProfile, ProfileStore
+from kvstore.codecs.cachegen_transform import HeadTransform
 from kvstore.codecs.container import input_bytes, output_bytes, pack, unpack_for
 from kvstore.errors import CodecError, InvalidInput
 
@@ -59,6 +63,7 @@ class EncodeSetup:
     plan: QuantPlan
     tables: ProfileTables
     params: dict[str, int | float | str | bool]
+    transform: HeadTransform | None = None
 
 
 class CachegenCodec(Codec):
@@ -104,7 +109,9 @@ class CachegenCodec(Codec):
         data = input_bytes(raw, layout)
         setup = self.setup(layout)
         p = self.config
-        sections = encode_sections(data, setup.geometry, p.group, setup.plan, setup.tables, p.rope_theta)
+        sections = encode_sections(
+            data, setup.geometry, p.group, setup.plan, setup.tables, p.rope_theta, setup.transform
+        )
         return pack(self.name, setup.params, layout, sections)
 
     def setup(self, layout: ChunkLayout) -> EncodeSetup:
@@ -123,10 +130,14 @@ class CachegenCodec(Codec):
         profile = self.profiles.get(p.profile, InvalidInput) if p.profile else None
         if profile is not None:
             profile.check_fits(g, p, InvalidInput)
-        plan = QuantPlan.of(g, p, profile.sensitivity if profile is not None else None)
+        transform = profile.transform if profile is not None else None
+        plan = QuantPlan.of(g, p, profile.sensitivity if profile is not None else None, transform is not None)
         tables = _tables(profile) if self.profile_tables else None
         params = p.as_dict() if tables is not None else {**p.as_dict(), "profile": ""}
-        return EncodeSetup(g, plan, tables, params)
+        if transform is not None:
+            params = replace(p, transform=p.profile).as_dict()
+            params["profile"] = p.profile if tables is not None else ""
+        return EncodeSetup(g, plan, tables, params, transform)
 
     def decode_into(self, container: bytes | memoryview | U8, out: U8) -> ChunkLayout:
         """Decode into ``out`` in the spec's dtype.
@@ -148,10 +159,25 @@ class CachegenCodec(Codec):
         profile = self.profiles.get(p.profile, CodecError) if p.profile else None
         if profile is not None:
             profile.check_fits(g, None, CodecError)
+        transform = self.transform_of(p, g)
         target = output_bytes(out, c.layout)
         sections = {name: c.section(name) for name in SECTION_NAMES}
-        decode_sections(sections, g, p.group, _tables(profile), target, p.rope_theta)
+        decode_sections(sections, g, p.group, _tables(profile), target, p.rope_theta, transform)
         return c.layout
+
+    def transform_of(self, p: CachegenParams, g: Geometry) -> HeadTransform | None:
+        """The transform a container's values went through (None: none).
+
+        Raises:
+            CodecError: the named profile is missing, has no transform or one for other heads.
+        """
+        if not p.transform:
+            return None
+        owner = self.profiles.get(p.transform, CodecError)
+        owner.check_fits(g, None, CodecError)
+        if owner.transform is None:
+            raise CodecError(f"cachegen profile {p.transform} named as a transform has none")
+        return owner.transform
 
 
 register_codec(CachegenCodec.name, CachegenCodec)

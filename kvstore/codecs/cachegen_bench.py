@@ -1,11 +1,12 @@
 """Measure cachegen on real SmolLM2-135M KV: size ratio, quality and CPU throughput.
 
-``python3 -m kvstore.codecs.cachegen_bench [--prompts 4] [--levels 0,1,2,3] [--uncalibrated] [--json]``
+``python3 -m kvstore.codecs.cachegen_bench [--prompts 4] [--levels 0,1,2,3] [--no-transform] [--uncalibrated] [--json]``
 
 Prompts: Python-docs passages and ShareGPT chats (``kvstore.models.prompts``)
-of ``context + continuation`` tokens (seed 1); the profile and the sensitivity
-calibration (``cachegen_calibrate``) use other prompts (seed 2) than the ones
-measured. Ratios are against the chunk stored as
+of ``context + continuation`` tokens (seed 1); the profile and the calibration
+(``cachegen_calibrate``: per-head statistics for a transform by default, the
+per-channel sensitivity with ``--no-transform``) use other prompts (seed 2)
+than the ones measured. Ratios are against the chunk stored as
 bfloat16; quality (``kvstore.quality``) is against the model's own float32 KV,
 next to the plain bfloat16 round trip as the baseline of the same run.
 Throughput is single-threaded (the C coder never spawns threads), best of a
@@ -26,9 +27,10 @@ import torch
 from kvstore.buffers import U8
 from kvstore.codecs.base import ChunkLayout, Codec, CodecParams
 from kvstore.codecs.cachegen import CachegenCodec
-from kvstore.codecs.cachegen_calibrate import calibrate, rope_theta_of
+from kvstore.codecs.cachegen_calibrate import calibrate, calibrate_heads, rope_theta_of
 from kvstore.codecs.cachegen_params import F64, CachegenParams
 from kvstore.codecs.cachegen_profile import CachegenProfile, build_profile
+from kvstore.codecs.cachegen_transform import HeadTransform, build_transform
 from kvstore.models.kv import cache_to_chunk
 from kvstore.models.prompts import chat_token_ids, sample_conversations, sample_passages
 from kvstore.models.smollm2 import LoadedModel, load_smollm2
@@ -130,13 +132,14 @@ def make_profile(
     level: int,
     sensitivity: F64 | None = None,
     rope_theta: float = 0.0,
+    transform: HeadTransform | None = None,
 ) -> CachegenProfile:
     """A profile for ``level`` from 256-token chunks of ``kvs`` (with ``sensitivity``: calibrated steps;
-    with ``rope_theta``: for codecs that un-rotate keys)."""
+    with ``rope_theta``: for codecs that un-rotate keys; with ``transform``: per-head transform coding)."""
     params = CachegenParams(level=level, rope_theta=rope_theta)
     chunks = [raw for kv in kvs for raw in to_chunks(kv, 256)]
     samples = [(raw, ChunkLayout(spec, raw.size // spec.bytes_per_token)) for raw in chunks]
-    return build_profile(samples, params, sensitivity=sensitivity)
+    return build_profile(samples, params, sensitivity=sensitivity, transform=transform)
 
 
 def calibration_prompts(
@@ -162,13 +165,15 @@ def measure_level(
     spec: KVSpec,
     sensitivity: F64 | None = None,
     rope_theta: float = 0.0,
+    transform: HeadTransform | None = None,
 ) -> LevelResult:
-    """One level's sizes, quality and speed; with a ``sensitivity`` every figure uses calibrated steps
-    (``ratio_2048``, ``ratio_256``: inline tables only; ``ratio_256_profile``: the profile's tables)."""
-    profile = make_profile(calib, spec, level, sensitivity, rope_theta)
+    """One level's sizes, quality and speed; with a ``sensitivity`` or a ``transform`` every figure uses
+    calibrated steps (``ratio_2048``, ``ratio_256``: inline tables only; ``ratio_256_profile``: the
+    profile's tables)."""
+    profile = make_profile(calib, spec, level, sensitivity, rope_theta, transform)
     base: CodecParams = {"level": level, "rope_theta": rope_theta, "profile": profile.digest}
     with_profile = CachegenCodec(base, profiles=[profile])
-    if sensitivity is None:
+    if sensitivity is None and transform is None:
         codec = CachegenCodec({"level": level, "rope_theta": rope_theta})
     else:
         codec = CachegenCodec({**base, "profile_tables": False}, profiles=[profile])
@@ -199,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calibration", type=int, default=4, help="prompts of the profile and sensitivity")
     ap.add_argument("--draws", type=int, default=2, help="sampled target sets per calibration prompt")
     ap.add_argument("--uncalibrated", action="store_true", help="steps relative to each slab's spread")
+    ap.add_argument(
+        "--no-transform",
+        action="store_true",
+        help="per-channel calibrated steps instead of per-head transforms",
+    )
     ap.add_argument("--no-rope", action="store_true", help="code keys as they are (rope_theta 0)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -210,13 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for ids in prompt_ids(loaded, args.prompts, total, seed=1)
     ]
     pairs = calibration_prompts(loaded, args.calibration, args.context, args.continuation)
-    sensitivity = None if args.uncalibrated else calibrate(loaded, pairs, draws=args.draws)
     theta = 0.0 if args.no_rope else rope_theta_of(loaded)
+    sensitivity = transform = None
+    if not args.uncalibrated and args.no_transform:
+        sensitivity = calibrate(loaded, pairs, draws=args.draws)
+    elif not args.uncalibrated:
+        transform = build_transform(calibrate_heads(loaded, pairs, draws=args.draws, rope_theta=theta))
     calib = [prefill_kv(loaded, context) for context, _ in pairs]
     base = mean_report([h.evaluate(lambda kv: kv.to(torch.bfloat16).float()) for h in harnesses])
     levels = [int(lv) for lv in args.levels.split(",")]
-    results = [measure_level(lv, harnesses, calib, spec, sensitivity, theta) for lv in levels]
-    setup = {"calibrated": sensitivity is not None, "rope_theta": theta}
+    results = [measure_level(lv, harnesses, calib, spec, sensitivity, theta, transform) for lv in levels]
+    setup = {"calibrated": not args.uncalibrated, "transform": transform is not None, "rope_theta": theta}
     if args.json:
         print(json.dumps({"bf16": base, **setup, "levels": [_asdict(r) for r in results]}))
         return 0

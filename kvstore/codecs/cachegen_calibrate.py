@@ -28,7 +28,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from kvstore.codecs.cachegen_params import F64
+from kvstore.codecs import cachegen_rope as rope
+from kvstore.codecs.base import ChunkLayout
+from kvstore.codecs.cachegen_params import F64, Geometry
+from kvstore.codecs.cachegen_transform import HeadStatistics
 from kvstore.errors import InvalidInput
 from kvstore.models.kv import cache_to_chunk, chunks_to_cache
 from kvstore.models.smollm2 import LoadedModel
@@ -84,6 +87,72 @@ def calibrate(
     return out
 
 
+def calibrate_heads(
+    loaded: LoadedModel,
+    prompts: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    draws: int = 2,
+    skip: int = 1,
+    seed: int = 0,
+    rope_theta: float = 0.0,
+    reference_tokens: int = 2048,
+) -> HeadStatistics:
+    """Per (slab, KV head): the ``D x D`` Fisher information and the values' covariance.
+
+    The same sampled-target gradients as :func:`calibrate` (whose per-channel numbers are this
+    Fisher's diagonal before mixing), but as outer products ``g g^T`` per head and token, averaged
+    the same way; the covariance is over each context's tokens (after ``skip``) around its own mean,
+    averaged over prompts. With ``rope_theta``, keys and their gradients are un-rotated by their
+    positions in the context first (rotations are orthogonal: the Fisher turns with the keys), as
+    the codec un-rotates keys within a chunk. :func:`cachegen_transform.build_transform` turns the
+    result into a profile's transform.
+
+    Raises:
+        InvalidInput: as :func:`calibrate`, or a model whose KV is not ``kv_separate``.
+    """
+    if not prompts or draws < 1 or reference_tokens < 1 or rope_theta < 0:
+        raise InvalidInput("cachegen head calibration needs a prompt, a draw and rope_theta >= 0")
+    if loaded.spec.kv_factor != 2:
+        raise InvalidInput("cachegen head calibration needs kv_separate KV")
+    fisher: torch.Tensor | None = None
+    cov: torch.Tensor | None = None
+    gen = torch.Generator().manual_seed(seed)
+    for context, continuation in prompts:
+        if len(context) <= skip or len(continuation) < 2:
+            raise InvalidInput(f"calibration prompts need > {skip} context and >= 2 continuation tokens")
+        kv, grads = _gradients(loaded, context, continuation, draws, gen)
+        g_sum: torch.Tensor | None = None
+        for grad in grads:
+            g = _unrotated(loaded, grad, rope_theta)[:, :, skip:].double()
+            outer = torch.einsum("lkthd,lkthe->lkhde", g, g)
+            g_sum = outer if g_sum is None else g_sum + outer
+        assert g_sum is not None
+        scale = (len(context) / reference_tokens) / (draws * (len(continuation) - 1) * (len(context) - skip))
+        fisher = g_sum * scale if fisher is None else fisher + g_sum * scale
+        x = _unrotated(loaded, kv, rope_theta)[:, :, skip:].double()
+        x = x - x.mean(dim=2, keepdim=True)
+        c = torch.einsum("lkthd,lkthe->lkhde", x, x) / x.shape[2]
+        cov = c if cov is None else cov + c
+    assert fisher is not None and cov is not None
+    shape = (-1, *fisher.shape[2:])
+    return HeadStatistics(
+        (fisher / len(prompts)).reshape(shape).numpy(),
+        (cov / len(prompts)).reshape(shape).numpy(),
+        rope_theta,
+    )
+
+
+def _unrotated(loaded: LoadedModel, chunk: torch.Tensor, theta: float) -> torch.Tensor:
+    """A float32 ``[layers, 2, tokens, heads, dim]`` chunk with its keys un-rotated (``theta`` > 0)."""
+    if not theta:
+        return chunk
+    layout = ChunkLayout(loaded.spec_for("float32"), chunk.shape[2])
+    g = Geometry.of(layout, 0)
+    raw = chunk.contiguous().numpy().view(np.uint8).reshape(-1)
+    out = rope.unrotated(raw, g, theta)
+    return torch.from_numpy(out.view(np.float32).reshape(chunk.shape).copy())
+
+
 def rope_theta_of(loaded: LoadedModel) -> float:
     """The model's RoPE base for cachegen's ``rope_theta``: 0.0 unless it is plain (unscaled) RoPE."""
     config = loaded.model.config.get_text_config(decoder=True)
@@ -98,6 +167,15 @@ def _fisher(
     loaded: LoadedModel, context: Sequence[int], continuation: Sequence[int], draws: int, gen: torch.Generator
 ) -> torch.Tensor:
     """``[layers, 2, tokens, heads, dim]`` squared gradients, averaged over draws, per scored position."""
+    _, grads = _gradients(loaded, context, continuation, draws, gen)
+    acc = sum((g**2 for g in grads), torch.zeros_like(grads[0]))
+    return acc / (draws * (len(continuation) - 1))
+
+
+def _gradients(
+    loaded: LoadedModel, context: Sequence[int], continuation: Sequence[int], draws: int, gen: torch.Generator
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the context's float32 KV, one gradient per draw of the sampled targets' log-probability)."""
     model = loaded.model
     device = next(model.parameters()).device
     with torch.inference_mode():
@@ -109,7 +187,7 @@ def _fisher(
     for p in frozen:
         p.requires_grad_(False)
     try:
-        acc = torch.zeros_like(kv)
+        grads = []
         for _ in range(draws):
             with torch.enable_grad():
                 cache = chunks_to_cache([kv], config=model.config, dtype=torch.float32, device=device)
@@ -117,8 +195,8 @@ def _fisher(
                 logp = torch.log_softmax(logits, dim=-1)
                 targets = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(device)
                 (grad,) = torch.autograd.grad(logp.gather(1, targets).sum(), kv)
-            acc += grad.detach() ** 2
+            grads.append(grad.detach().cpu())
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return (acc / (draws * inputs.shape[1])).cpu()
+    return kv.detach().cpu(), grads

@@ -33,6 +33,7 @@ import zstandard
 from kvstore.buffers import U8, as_u8
 from kvstore.codecs import cachegen_rope as rope
 from kvstore.codecs.cachegen_params import NUM_SYMBOLS, Geometry, QuantPlan
+from kvstore.codecs.cachegen_transform import HeadTransform, forward_chunk, inverse_into
 from kvstore.codecs.container import SectionData
 from kvstore.errors import CodecError, InvalidInput
 
@@ -103,15 +104,24 @@ def exact_rows(raw: U8, g: Geometry) -> U8:
 
 
 def encode_sections(
-    raw: U8, g: Geometry, group: int, plan: QuantPlan, profile: ProfileTables, rope_theta: float = 0.0
+    raw: U8,
+    g: Geometry,
+    group: int,
+    plan: QuantPlan,
+    profile: ProfileTables,
+    rope_theta: float = 0.0,
+    transform: HeadTransform | None = None,
 ) -> list[tuple[str, SectionData]]:
     """Every section of a chunk, in :data:`SECTION_NAMES` order (keys un-rotated first when
-    ``rope_theta`` applies, see :mod:`cachegen_rope`).
+    ``rope_theta`` applies, see :mod:`cachegen_rope`; values quantized as the components of
+    ``transform`` when given, see :mod:`cachegen_transform`).
 
     Raises:
         InvalidInput: the chunk's values cannot be encoded (see :func:`quantize_chunk`).
     """
-    if rope.applies(g, rope_theta):
+    if transform is not None:
+        q = quantize_chunk(forward_chunk(raw, g, rope_theta, transform), g.as_float32(), plan, profile)
+    elif rope.applies(g, rope_theta):
         q = quantize_chunk(rope.unrotated(raw, g, rope_theta), g.as_float32(), plan, profile)
     else:
         q = quantize_chunk(raw, g, plan, profile)
@@ -180,15 +190,17 @@ def decode_sections(
     profile: ProfileTables,
     target: U8,
     rope_theta: float = 0.0,
+    transform: HeadTransform | None = None,
 ) -> None:
-    """Decode a chunk's sections into ``target`` (exactly the chunk's bytes).
+    """Decode a chunk's sections into ``target`` (exactly the chunk's bytes), through the inverse of
+    ``transform`` when the chunk was encoded with one.
 
     Raises:
         CodecError: a section of the wrong size, a corrupt table, stream table or stream.
     """
     s = open_sections(sections, g, group)
     p = profile or (None, None, None)
-    rotated = rope.applies(g, rope_theta)
+    rotated = rope.applies(g, rope_theta) or transform is not None
     values = np.empty(g.slabs * g.tokens * g.channels * 4, np.uint8) if rotated else target
     try:
         rangecoder().decode_chunk(
@@ -209,7 +221,9 @@ def decode_sections(
         )
     except ValueError as exc:
         raise CodecError(f"cachegen: {exc}") from None
-    if rotated:
+    if transform is not None:
+        inverse_into(values, target, g, rope_theta, transform, bytes(s["tab_n"]))
+    elif rotated:
         rope.rotate_into(values, target, g, rope_theta)
     if g.exact:
         rows = target.reshape(g.slabs, g.tokens, g.channels * g.itemsize)

@@ -35,6 +35,7 @@ from kvstore.codecs.cachegen_params import (
     Geometry,
     QuantPlan,
 )
+from kvstore.codecs.cachegen_transform import HeadTransform
 from kvstore.codecs.container import Container, SectionData, output_bytes, pack, unpack_for
 from kvstore.errors import CodecError, InvalidInput
 
@@ -58,6 +59,7 @@ SIGNATURES: Final[dict[str, str]] = {
     "cg_gather": "ppppqp",
     "cg_decode": "ppqqqqqppppipipp",
     "cg_rope": "pipiqqqqqipi",
+    "cg_transform": "ppqqqqqppi",
 }
 _ERRORS: Final = {1: "KV holds NaN or infinite values", 2: "KV values too large for cachegen steps"}
 
@@ -175,7 +177,9 @@ class GpuCoder:
             table_offsets(*setup.tables, setup.geometry.num_channels, allow_profile=False)
         src = self.b.upload(raw) if isinstance(raw, np.ndarray) else raw
         p = self.codec.config
-        sections = self._sections(src, setup.geometry, p.group, setup.plan, setup.tables, p.rope_theta)
+        sections = self._sections(
+            src, setup.geometry, p.group, setup.plan, setup.tables, p.rope_theta, setup.transform
+        )
         return pack(self.codec.name, setup.params, layout, sections)
 
     def _rope(
@@ -186,6 +190,30 @@ class GpuCoder:
         items = g.slabs * g.tokens_q * g.heads * (g.head_dim // 2)
         geo = (g.slabs, g.tokens, g.exact, g.heads, g.head_dim, g.kv_factor)
         self.b.launch("cg_rope", items, src, src_dtype, dst, dst_dtype, *geo, table, rotate)
+
+    def _to_float32(self, src: Array, g: Geometry, theta: float, rotate: int, dst: Array) -> None:
+        """``cg_rope`` between the chunk's dtype and float32 (rotate 0: into float32, keys un-rotated
+        where ``theta`` applies; 1: back out of float32 into ``dst`` in the chunk's dtype)."""
+        if rope.applies(g, theta):
+            sdt, ddt = (2, g.dtype_code) if rotate else (g.dtype_code, 2)
+            self._rope(src, sdt, dst, ddt, g, theta, rotate)
+            return
+        if g.channels % 2:
+            raise CodecError("cachegen transforms need an even number of channels")
+        table = self.b.upload(np.zeros(2 * g.tokens, np.float32))  # kv_factor 1: nothing rotates
+        geo = (g.slabs, g.tokens, g.exact, g.channels // 2, 2, 1)
+        sdt, ddt = (2, g.dtype_code) if rotate else (g.dtype_code, 2)
+        self.b.launch("cg_rope", g.slabs * g.tokens_q * (g.channels // 2), src, sdt, dst, ddt, *geo, table, 1)
+
+    def _transform(
+        self, src: Array, dst: Array, g: Geometry, matrices: bytes, live: np.ndarray | None
+    ) -> None:
+        """``cg_transform``: ``dst = M @ src`` per (slab, head, token >= g.exact), float32."""
+        m = self.b.upload(np.frombuffer(matrices, "<f4"))
+        flags = self.b.upload(live if live is not None else np.zeros(1, np.uint8))
+        geo = (g.slabs, g.tokens, g.exact, g.heads, g.head_dim)
+        items = g.slabs * g.tokens_q * g.heads * g.head_dim
+        self.b.launch("cg_transform", items, src, dst, *geo, m, flags, int(live is not None))
 
     def _check(self, bad: Array, error: type[Exception]) -> None:
         code = int(self.b.download(bad)[0])
@@ -249,10 +277,23 @@ class GpuCoder:
         return ends, b.download(data)[: int(ends[-1])].tobytes()
 
     def _sections(
-        self, src: Array, g: Geometry, group: int, plan: QuantPlan, profile: ProfileTables, theta: float
+        self,
+        src: Array,
+        g: Geometry,
+        group: int,
+        plan: QuantPlan,
+        profile: ProfileTables,
+        theta: float,
+        transform: HeadTransform | None = None,
     ) -> list[tuple[str, SectionData]]:
         b = self.b
-        if rope.applies(g, theta):
+        if transform is not None:
+            values = b.empty(g.slabs * g.tokens * g.channels, np.float32)
+            self._to_float32(src, g, theta, 0, values)
+            z = b.empty(g.slabs * g.tokens * g.channels, np.float32)
+            self._transform(values, z, g, transform.forward, None)
+            qparams, sym = self._quantize(z, g.as_float32(), plan)
+        elif rope.applies(g, theta):
             values = b.empty(g.slabs * g.tokens * g.channels * 4, np.uint8)
             self._rope(src, g.dtype_code, values, 2, g, theta, 0)
             qparams, sym = self._quantize(values, g.as_float32(), plan)
@@ -268,8 +309,9 @@ class GpuCoder:
 
     def _container(
         self, container: bytes | memoryview | U8
-    ) -> tuple[Container, Geometry, int, ProfileTables, float]:
-        """(container, geometry, group, profile tables, rope theta) of a container this codec wrote."""
+    ) -> tuple[Container, Geometry, int, ProfileTables, float, HeadTransform | None]:
+        """(container, geometry, group, profile tables, rope theta, transform) of a container this
+        codec wrote."""
         c = unpack_for(container, self.codec.name)
         p = CachegenParams.parse(c.params, CodecError, CONTAINER_KEYS, default_format=1)
         if c.dtype not in DTYPE_CODES or tuple(s.name for s in c.sections) != SECTION_NAMES:
@@ -277,7 +319,8 @@ class GpuCoder:
         g = Geometry.of(c.layout, p.exact_tokens)
         if p.rope_theta and (g.kv_factor != 2 or g.head_dim % 2):
             raise CodecError("cachegen container rotates keys of a layout without them (rope_theta)")
-        return c, g, p.group, self._profile(p.profile, g, None, CodecError), p.rope_theta
+        profile = self._profile(p.profile, g, None, CodecError)
+        return c, g, p.group, profile, p.rope_theta, self.codec.transform_of(p, g)
 
     def decode_into(self, container: bytes | memoryview | U8, out: U8 | Array) -> ChunkLayout:
         """Decode into ``out`` (a flat uint8 host or device array of at least the chunk's bytes).
@@ -286,7 +329,7 @@ class GpuCoder:
             CodecError: malformed, corrupt, not cachegen, or a profile is missing.
             InvalidInput: ``out`` is too small.
         """
-        c, g, group, profile, theta = self._container(container)
+        c, g, group, profile, theta, transform = self._container(container)
         if isinstance(out, np.ndarray):
             host_out: U8 | None = output_bytes(out, c.layout)
             device_out = self.b.empty(c.layout.nbytes, np.uint8)
@@ -297,7 +340,14 @@ class GpuCoder:
         s = open_sections({name: c.section(name) for name in SECTION_NAMES}, g, group)
         check_qparams(s["qparams"], g.num_channels)
         qparams = self.b.upload(np.frombuffer(s["qparams"], "<u2"))
-        if rope.applies(g, theta):
+        if transform is not None:
+            z = self.b.empty(g.slabs * g.tokens * g.channels, np.float32)
+            self._run_decoder(s, g.as_float32(), group, profile, qparams, z, None)
+            x = self.b.empty(g.slabs * g.tokens * g.channels, np.float32)
+            live = (np.frombuffer(s["tab_n"], np.uint8) != 1).astype(np.uint8)
+            self._transform(z, x, g, transform.inverse, live)
+            self._to_float32(x, g, theta, 1, device_out)
+        elif rope.applies(g, theta):
             values = self.b.empty(g.slabs * g.tokens * g.channels * 4, np.uint8)
             self._run_decoder(s, g.as_float32(), group, profile, qparams, values, None)
             self._rope(values, 2, device_out, g.dtype_code, g, theta, 1)
@@ -318,7 +368,7 @@ class GpuCoder:
         Raises:
             CodecError: as :meth:`decode_into`.
         """
-        c, g, group, profile, _ = self._container(container)
+        c, g, group, profile, _, _ = self._container(container)
         s = open_sections({name: c.section(name) for name in SECTION_NAMES}, g, group)
         sym = self.b.empty(g.num_channels * g.tokens_q, np.uint8)
         self._run_decoder(s, g, group, profile, self.b.empty(2, np.uint16), self.b.empty(1, np.uint8), sym)

@@ -32,6 +32,8 @@ MAX_GROUP: Final = 4096
 LEVEL_BINS: Final[dict[int, float]] = {0: 4.0, 1: 3.0, 2: 2.0, 3: 1.4, 4: 1.1}
 #: level -> step scale with a calibrated sensitivity (step = lambda / sqrt(sensitivity))
 LEVEL_LAMBDA: Final[dict[int, float]] = {0: 2.76e-5, 1: 3.55e-5, 2: 4.33e-5, 3: 6.0e-5, 4: 7.7e-5}
+#: level -> uniform step of every component with a per-head transform (cachegen_transform)
+LEVEL_DELTA: Final[dict[int, float]] = {0: 2.4e-5, 1: 3.0e-5, 2: 3.6e-5, 3: 4.5e-5, 4: 6.0e-5}
 #: level -> rounding offset in 1/256 (128: round to nearest; less: a deadzone around zero)
 LEVEL_ROUNDING: Final[dict[int, int]] = {0: 128, 1: 128, 2: 128, 3: 128, 4: 128}
 DEFAULT_LEVEL: Final = 1
@@ -40,12 +42,14 @@ DTYPE_CODES: Final[dict[str, int]] = {"bfloat16": 0, "float16": 1, "float32": 2}
 #: keys a container's params hold; ``profile_dir`` and ``profile_tables`` are local encoder
 #: configuration and never stored
 CONTAINER_KEYS: Final = frozenset(
-    {"format", "level", "exact_tokens", "group", "layer_ramp", "profile", "rope_theta"}
+    {"format", "level", "exact_tokens", "group", "layer_ramp", "profile", "rope_theta", "transform"}
 )
-#: container format: 1 (no ``format`` key) never rotates keys; 2 may (``rope_theta``)
-FORMAT: Final = 2
+#: container format: 1 (no ``format`` key) never rotates keys; 2 may (``rope_theta``); 3 may also
+#: name the profile whose per-head transform its values went through (``transform``)
+FORMAT: Final = 3
 MAX_ROPE_THETA: Final = 1e12
-CONFIG_KEYS: Final = CONTAINER_KEYS | {"profile_dir", "profile_tables"}
+#: ``transform`` is never configured: the encoder uses the transform of its profile when it has one
+CONFIG_KEYS: Final = (CONTAINER_KEYS - {"transform"}) | {"profile_dir", "profile_tables"}
 
 F64 = npt.NDArray[np.float64]
 
@@ -77,7 +81,8 @@ class CachegenParams:
 
     Invariants: ``level`` is a key of :data:`LEVEL_BINS`; ``0 <= exact_tokens``;
     ``1 <= group <= MAX_GROUP``; ``1 <= layer_ramp <= 8``; ``profile`` is ""
-    (none) or a 32-hex-digit profile digest; ``rope_theta`` is 0 (keys coded as they are) or
+    (none) or a 32-hex-digit profile digest, and so is ``transform`` (the profile whose per-head
+    transform the values went through, format 3 only); ``rope_theta`` is 0 (keys coded as they are) or
     in ``(1, MAX_ROPE_THETA]`` (keys un-rotated by that RoPE base before quantizing).
     """
 
@@ -87,6 +92,7 @@ class CachegenParams:
     layer_ramp: float = 1.0
     profile: str = ""
     rope_theta: float = 0.0
+    transform: str = ""
 
     @classmethod
     def parse(
@@ -105,7 +111,8 @@ class CachegenParams:
         exact, group = _int(params, "exact_tokens", 1, error), _int(params, "group", 32, error)
         ramp, profile = _float(params, "layer_ramp", 1.0, error), _str(params, "profile", error)
         rope, fmt = _float(params, "rope_theta", 0.0, error), _int(params, "format", default_format, error)
-        if fmt not in (1, FORMAT) or (fmt == 1 and rope):
+        transform = _str(params, "transform", error)
+        if fmt not in (1, 2, FORMAT) or (fmt == 1 and rope) or (fmt < 3 and "transform" in params):
             raise error(
                 f"cachegen container format {fmt} (with rope_theta {rope}) is not one this version reads"
             )
@@ -117,13 +124,15 @@ class CachegenParams:
             raise error(f"cachegen exact_tokens {exact} or group {group} out of range")
         if not 1.0 <= ramp <= 8.0:
             raise error(f"cachegen layer_ramp must be in [1, 8], got {ramp}")
-        if profile and (len(profile) != 32 or any(ch not in "0123456789abcdef" for ch in profile)):
-            raise error(f"cachegen profile must be a 32-hex-digit digest, got {profile!r}")
-        return cls(level, exact, group, ramp, profile, rope)
+        for key, digest in (("profile", profile), ("transform", transform)):
+            if digest and (len(digest) != 32 or any(ch not in "0123456789abcdef" for ch in digest)):
+                raise error(f"cachegen {key} must be a 32-hex-digit digest, got {digest!r}")
+        return cls(level, exact, group, ramp, profile, rope, transform)
 
     def as_dict(self) -> dict[str, int | float | str | bool]:
-        return {
-            "format": FORMAT,
+        """The container's params: format 3 (naming the transform) only when there is one, else 2."""
+        out: dict[str, int | float | str | bool] = {
+            "format": FORMAT if self.transform else 2,
             "level": self.level,
             "exact_tokens": self.exact_tokens,
             "group": self.group,
@@ -131,6 +140,9 @@ class CachegenParams:
             "profile": self.profile,
             "rope_theta": self.rope_theta,
         }
+        if self.transform:
+            out["transform"] = self.transform
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,20 +218,29 @@ class QuantPlan:
     rounding: int
 
     @classmethod
-    def of(cls, geometry: Geometry, params: CachegenParams, sensitivity: F64 | None) -> QuantPlan:
-        return cls(step_targets(geometry, params, sensitivity), LEVEL_ROUNDING[params.level])
+    def of(
+        cls, geometry: Geometry, params: CachegenParams, sensitivity: F64 | None, transformed: bool = False
+    ) -> QuantPlan:
+        return cls(step_targets(geometry, params, sensitivity, transformed), LEVEL_ROUNDING[params.level])
 
 
-def step_targets(geometry: Geometry, params: CachegenParams, sensitivity: F64 | None) -> F64:
+def step_targets(
+    geometry: Geometry, params: CachegenParams, sensitivity: F64 | None, transformed: bool = False
+) -> F64:
     """The coder's step targets ``a`` then ``b`` (``N`` each): channel ``i``'s step is ``sigma * a_i + b_i``.
 
     Without a sensitivity, ``a`` = 1 / the slab's bins and ``b`` = 0 (one step per slab, relative to
     its spread). With one (``N`` positive numbers: how much the model's output moves per unit of
     squared error in each channel, from :mod:`cachegen_calibrate`), ``a`` = 0 and ``b`` =
     ``LEVEL_LAMBDA[level] / sqrt(sensitivity)``: absolute steps that give every channel the same
-    share of the predicted output error at the smallest size.
+    share of the predicted output error at the smallest size. ``transformed``: the channels are the
+    components of a per-head transform (:mod:`cachegen_transform`), already in the model's error
+    metric: ``b = LEVEL_DELTA[level] / sqrt(sensitivity)`` (1 everywhere: one uniform step).
     """
     n = geometry.num_channels
+    if transformed:
+        w = np.ones(n) if sensitivity is None else sensitivity.astype(np.float64)
+        return np.concatenate([np.zeros(n), LEVEL_DELTA[params.level] / np.sqrt(w)])
     if sensitivity is None:
         a = np.repeat(1.0 / slab_bins(geometry, params), geometry.channels)
         return np.concatenate([a, np.zeros(n)])

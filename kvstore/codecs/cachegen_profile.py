@@ -16,7 +16,11 @@ Blob (msgpack map, keys in this order): ``format`` ("kvstore-cachegen-profile"),
 ``n``, ``freq`` (bytes: u8 per table, u8 per table, u16le frequencies of the
 tables with n >= 2), and in version 2 ``rope_theta`` (float) and
 ``sensitivity`` (float32le per table, or empty). A profile without either is
-written as version 1. Digest: the first 16 bytes of SHA-256 of the blob, hex.
+written as version 1. Version 3 adds a per-head transform
+(:mod:`cachegen_transform`): ``heads``, ``head_dim``, ``forward`` and
+``inverse`` (float32le ``[slabs][heads][D][D]`` each); its tables and
+sensitivity are then of the transform's components. Digest: the first 16
+bytes of SHA-256 of the blob, hex.
 """
 
 from __future__ import annotations
@@ -46,15 +50,18 @@ from kvstore.codecs.cachegen_params import (
     QuantPlan,
 )
 from kvstore.codecs.cachegen_ref import normalize
+from kvstore.codecs.cachegen_transform import HeadTransform, forward_chunk
+from kvstore.codecs.cachegen_transform import fits as transform_fits
 from kvstore.errors import CodecError, InvalidInput
 
 FORMAT: Final = "kvstore-cachegen-profile"
-#: version 1: tables only; version 2: tables and a per-channel sensitivity
-VERSION: Final = 2
+#: version 1: tables only; version 2: tables and a per-channel sensitivity; 3: and a per-head transform
+VERSION: Final = 3
 SUFFIX: Final = ".cgprofile"
 MAX_BLOB: Final = 64 << 20
 _KEYS_V1: Final = ("format", "version", "level", "layer_ramp", "slabs", "channels", "lo", "n", "freq")
-_KEYS: Final = {1: _KEYS_V1, 2: (*_KEYS_V1, "rope_theta", "sensitivity")}
+_KEYS_V2: Final = (*_KEYS_V1, "rope_theta", "sensitivity")
+_KEYS: Final = {1: _KEYS_V1, 2: _KEYS_V2, 3: (*_KEYS_V2, "heads", "head_dim", "forward", "inverse")}
 #: smallest sensitivity a profile may hold (keeps every step target finite and below 1e30)
 MIN_SENSITIVITY: Final = 1e-30
 
@@ -78,6 +85,7 @@ class CachegenProfile:
     freq: bytes
     sensitivity_bytes: bytes = b""
     rope_theta: float = 0.0
+    transform: HeadTransform | None = None
     digest: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -92,9 +100,10 @@ class CachegenProfile:
 
     def to_bytes(self) -> bytes:
         v2 = bool(self.sensitivity_bytes) or self.rope_theta != 0.0
+        t = self.transform
         fields: dict[str, object] = {
             "format": FORMAT,
-            "version": 2 if v2 else 1,
+            "version": 3 if t is not None else 2 if v2 else 1,
             "level": self.level,
             "layer_ramp": self.layer_ramp,
             "slabs": self.slabs,
@@ -103,9 +112,11 @@ class CachegenProfile:
             "n": self.n,
             "freq": self.freq,
         }
-        if v2:
+        if v2 or t is not None:
             fields["rope_theta"] = self.rope_theta
             fields["sensitivity"] = self.sensitivity_bytes
+        if t is not None:
+            fields.update(heads=t.heads, head_dim=t.head_dim, forward=t.forward, inverse=t.inverse)
         blob: bytes = msgpack.packb(fields, use_bin_type=True)
         return blob
 
@@ -135,9 +146,9 @@ class CachegenProfile:
             or tuple(d) != _KEYS[version]
             or d["format"] != FORMAT
         ):
-            raise CodecError(f"not a cachegen profile of version 1 or {VERSION}")
-        ints = [d[k] for k in ("level", "slabs", "channels")]
-        tabs = [d[k] for k in ("lo", "n", "freq", "sensitivity") if k in d]
+            raise CodecError(f"not a cachegen profile of version 1 to {VERSION}")
+        ints = [d[k] for k in ("level", "slabs", "channels", "heads", "head_dim") if k in d]
+        tabs = [d[k] for k in ("lo", "n", "freq", "sensitivity", "forward", "inverse") if k in d]
         if (
             any(type(v) is not int or not 0 <= v < 1 << 30 for v in ints)
             or not all(isinstance(v, bytes) for v in tabs)
@@ -145,6 +156,14 @@ class CachegenProfile:
             or type(d.get("rope_theta", 0.0)) is not float
         ):
             raise CodecError("cachegen profile fields have the wrong types")
+        transform = None
+        if version == 3:
+            try:
+                transform = HeadTransform(d["slabs"], d["heads"], d["head_dim"], d["forward"], d["inverse"])
+            except InvalidInput as exc:
+                raise CodecError(f"cachegen profile: {exc}") from None
+            if d["heads"] * d["head_dim"] != d["channels"]:
+                raise CodecError("cachegen profile transform does not match its channels")
         profile = cls(
             d["level"],
             d["layer_ramp"],
@@ -155,6 +174,7 @@ class CachegenProfile:
             freq=d["freq"],
             sensitivity_bytes=d.get("sensitivity", b""),
             rope_theta=d.get("rope_theta", 0.0),
+            transform=transform,
         )
         check_tables(profile)
         return profile
@@ -180,6 +200,8 @@ class CachegenProfile:
                 f"cachegen profile {self.digest} was built for level {self.level}, "
                 f"layer_ramp {self.layer_ramp}, rope_theta {self.rope_theta}"
             )
+        if self.transform is not None and not transform_fits(self.transform, geometry):
+            raise error(f"cachegen profile {self.digest} has a transform for other heads than the chunk's")
 
 
 def check_tables(p: CachegenProfile) -> None:
@@ -226,6 +248,7 @@ def build_profile(
     *,
     margin: int = 4,
     sensitivity: F64 | None = None,
+    transform: HeadTransform | None = None,
 ) -> CachegenProfile:
     """A profile from sample chunks (any token counts) of one geometry, quantized as ``params`` says
     (its ``level``, ``layer_ramp`` and ``rope_theta``: a codec uses it only with the same three).
@@ -237,6 +260,9 @@ def build_profile(
         sensitivity: per-channel sensitivities (``slabs * channels``, from
             :func:`kvstore.codecs.cachegen_calibrate.calibrate`) that set the steps of chunks
             encoded with this profile; None keeps the steps relative to each slab's spread.
+        transform: per-head transforms (:func:`kvstore.codecs.cachegen_transform.build_transform`):
+            chunks encoded with this profile are quantized as the transform's components, with
+            one uniform step per level (``sensitivity``, if given, scales it per component).
     Raises:
         InvalidInput: no samples, mixed geometries, unsupported dtype, non-finite values, or a
             sensitivity of the wrong size or not finite and positive.
@@ -253,8 +279,13 @@ def build_profile(
         geometry = g
         if weights is not None and weights.shape != (g.num_channels,):
             raise InvalidInput(f"cachegen sensitivity needs {g.num_channels} values, got {weights.shape}")
-        plan = QuantPlan.of(g, params, weights)
-        if rope.applies(g, params.rope_theta):
+        plan = QuantPlan.of(g, params, weights, transform is not None)
+        if transform is not None:
+            if not transform_fits(transform, g):
+                raise InvalidInput("cachegen profile transform does not fit the sample chunks")
+            z = forward_chunk(raw, g, params.rope_theta, transform)
+            q = quantize_chunk(z, g.as_float32(), plan, None)
+        elif rope.applies(g, params.rope_theta):
             q = quantize_chunk(rope.unrotated(raw, g, params.rope_theta), g.as_float32(), plan, None)
         else:
             q = quantize_chunk(raw, g, plan, None)
@@ -266,7 +297,7 @@ def build_profile(
     lo, n, freq = _tables(total, margin)
     p = params
     return CachegenProfile(
-        p.level, p.layer_ramp, geometry.slabs, geometry.channels, lo, n, freq, sens, p.rope_theta
+        p.level, p.layer_ramp, geometry.slabs, geometry.channels, lo, n, freq, sens, p.rope_theta, transform
     )
 
 

@@ -15,6 +15,7 @@
  *                qparams, dtype, out) -> None
  *   rope(src, src_dtype, dst, dst_dtype, slabs, tokens, exact, heads, head_dim, kv_factor, table, rotate)
  *       -> None
+ *   transform(src, dst, slabs, tokens, exact, heads, head_dim, matrices, live) -> None
  *
  * The same arithmetic lives in kvstore/codecs/kernels/cachegen.cu; both must stay bit-identical:
  * statistics are sequential double sums in token order, products that could be contracted into an
@@ -881,8 +882,138 @@ out:
     return result;
 }
 
+/* ---------------------------------------------------------------- per-head linear transform */
+
+#define CG_TBLOCK 16
+#define CG_TTOK 4
+/* 8 floats, unaligned: lane-wise IEEE float32 operations (GCC/clang vector extension) */
+typedef float cg_v8 __attribute__((vector_size(32), aligned(4)));
+
+/* dst[t, h, :] = M[s][h] @ src[t, h, :] (float32) for tokens exact..tokens-1 of every slab s and head
+ * h; matrices are [slabs][heads][D][D] float32, row d holding output d's coefficients. Without
+ * `live`, output d is acc = +0, then acc = acc + M[d][e] * x[e] for e = 0..D-1 in order. With
+ * `live` (one byte per (slab, channel): 0 means the channel holds one value over the tokens, that
+ * of token `exact`), acc starts at c[d] (+0, then c[d] + M[d][e] * x[e] over the constant e in
+ * order) and adds the live e in order. Every product and sum is rounded on its own (no FMA): the
+ * CUDA kernel cg_transform computes the same bits. The loops run over d inside (a transposed copy
+ * of the live columns), which changes no output's order of operations. */
+__attribute__((target_clones("avx2", "default")))
+static void transform_head(const float *src, float *dst, const geom_t *g, size_t b0, Py_ssize_t dim,
+                           const float *m, const uint8_t *live, float *mt, float *c, Py_ssize_t *idx) {
+    Py_ssize_t k = 0, C = g->channels;
+    for (Py_ssize_t d = 0; d < dim; d++) c[d] = 0.0f;
+    const float *x0 = src + b0 + (size_t)g->exact * (size_t)C;
+    for (Py_ssize_t e = 0; e < dim; e++) {
+        if (live == NULL || live[e]) {
+            for (Py_ssize_t d = 0; d < dim; d++) mt[k * dim + d] = m[d * dim + e];
+            idx[k++] = e;
+        } else {
+            for (Py_ssize_t d = 0; d < dim; d++) c[d] = c[d] + m[d * dim + e] * x0[e];
+        }
+    }
+    Py_ssize_t t = g->exact;
+    if (dim % CG_TBLOCK == 0)  /* CG_TTOK tokens at a time: each column loaded once for all of them */
+        for (; t + CG_TTOK <= g->tokens; t += CG_TTOK) {
+            const float *x = src + b0 + (size_t)t * (size_t)C;
+            float *y = dst + b0 + (size_t)t * (size_t)C;
+            for (Py_ssize_t d0 = 0; d0 < dim; d0 += CG_TBLOCK) {
+                cg_v8 a[CG_TTOK][2];
+                for (int u = 0; u < CG_TTOK; u++) {
+                    a[u][0] = *(const cg_v8 *)(c + d0);
+                    a[u][1] = *(const cg_v8 *)(c + d0 + 8);
+                }
+                for (Py_ssize_t i = 0; i < k; i++) {
+                    const cg_v8 m0 = *(const cg_v8 *)(mt + i * dim + d0), m1 = *(const cg_v8 *)(mt + i * dim + d0 + 8);
+                    for (int u = 0; u < CG_TTOK; u++) {
+                        const float xe = x[(size_t)u * (size_t)C + (size_t)idx[i]];
+                        const cg_v8 xv = {xe, xe, xe, xe, xe, xe, xe, xe};
+                        a[u][0] = a[u][0] + m0 * xv;
+                        a[u][1] = a[u][1] + m1 * xv;
+                    }
+                }
+                for (int u = 0; u < CG_TTOK; u++) {
+                    *(cg_v8 *)(y + (size_t)u * (size_t)C + (size_t)d0) = a[u][0];
+                    *(cg_v8 *)(y + (size_t)u * (size_t)C + (size_t)d0 + 8) = a[u][1];
+                }
+            }
+        }
+    for (; t < g->tokens; t++) {
+        const size_t row = b0 + (size_t)t * (size_t)C;
+        const float *x = src + row;
+        float *y = dst + row;
+        Py_ssize_t d0 = 0;
+        for (; d0 + CG_TBLOCK <= dim; d0 += CG_TBLOCK) {
+            float a[CG_TBLOCK];
+            for (int j = 0; j < CG_TBLOCK; j++) a[j] = c[d0 + j];
+            for (Py_ssize_t i = 0; i < k; i++) {
+                const float xe = x[idx[i]], *col = mt + i * dim + d0;
+                for (int j = 0; j < CG_TBLOCK; j++) a[j] = a[j] + col[j] * xe;
+            }
+            for (int j = 0; j < CG_TBLOCK; j++) y[d0 + j] = a[j];
+        }
+        for (; d0 < dim; d0++) {
+            float a = c[d0];
+            for (Py_ssize_t i = 0; i < k; i++) a = a + mt[i * dim + d0] * x[idx[i]];
+            y[d0] = a;
+        }
+    }
+}
+
+static PyObject *py_transform(PyObject *self, PyObject *args) {
+    Py_buffer src, dst, mats, live = {0};
+    Py_ssize_t heads, dim, nch, numel, nmat, cells;
+    PyObject *live_obj;
+    geom_t g = {0, 0, 0, 0, 1};
+    if (!PyArg_ParseTuple(args, "y*w*nnnnny*O", &src, &dst, &g.slabs, &g.tokens, &g.exact, &heads, &dim, &mats,
+                          &live_obj))
+        return NULL;
+    PyObject *result = NULL;
+    uint8_t *scratch = NULL;
+    if (get_opt_buffer(live_obj, &live, 0) < 0) goto out;
+    if (heads < 1 || dim < 1 || heads > (1 << 20) || dim > 4096) {
+        fail("transform needs heads >= 1 and 1 <= head_dim <= 4096");
+        goto out;
+    }
+    g.channels = heads * dim;
+    if (check_geom(&g) < 0 || mul(g.slabs, g.channels, &nch) < 0 || mul(nch, g.tokens, &numel) < 0 ||
+        mul(g.slabs, heads, &nmat) < 0 || mul(nmat, dim * dim, &cells) < 0)
+        goto out;
+    if (src.len != numel * 4 || dst.len != numel * 4 || mats.len != cells * 4 || src.buf == dst.buf ||
+        (live.obj != NULL && live.len != nch)) {
+        fail("transform buffers do not match the geometry");
+        goto out;
+    }
+    size_t dd = (size_t)dim * (size_t)dim;
+    scratch = PyMem_RawMalloc((dd + (size_t)dim) * sizeof(float) + (size_t)dim * sizeof(Py_ssize_t));
+    if (scratch == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    float *mt = (float *)scratch, *c = mt + dd;
+    Py_ssize_t *idx = (Py_ssize_t *)(c + dim);
+    const uint8_t *lv = live.obj != NULL ? live.buf : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t s = 0; s < g.slabs; s++)
+        for (Py_ssize_t h = 0; h < heads; h++) {
+            size_t b0 = (size_t)s * (size_t)g.tokens * (size_t)g.channels + (size_t)h * (size_t)dim;
+            const float *m = (const float *)mats.buf + ((size_t)s * (size_t)heads + (size_t)h) * dd;
+            transform_head(src.buf, dst.buf, &g, b0, dim, m, lv ? lv + (size_t)s * g.channels + h * dim : NULL,
+                           mt, c, idx);
+        }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+out:
+    PyMem_RawFree(scratch);
+    release(&live);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&mats);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"rope", py_rope, METH_VARARGS, "Rotate or un-rotate the keys of a chunk by a (cos, sin) table."},
+    {"transform", py_transform, METH_VARARGS, "Apply a matrix per (slab, head) to every token of a float32 chunk."},
     {"quant_params", py_quant_params, METH_VARARGS, "Per-channel (mean, step) bfloat16 pairs of a chunk."},
     {"quantize", py_quantize, METH_VARARGS, "Symbols and frequency tables of a chunk."},
     {"histogram", py_histogram, METH_VARARGS, "Per-channel symbol counts."},

@@ -144,8 +144,9 @@ def test_registered_and_params() -> None:
         {"level": "1"},
         {"rope_theta": 0.5},
         {"rope_theta": "1e4"},
-        {"format": 3},
+        {"format": 4},
         {"format": 1, "rope_theta": 1e4},
+        {"transform": "0" * 32},  # never configured: it comes with the profile
     ]
     for bad in bad_params:
         with pytest.raises(InvalidInput):

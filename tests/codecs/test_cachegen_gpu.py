@@ -30,6 +30,7 @@ from kvstore.codecs.cachegen_coder import available, rangecoder
 from kvstore.codecs.cachegen_gpu import KERNEL_SOURCE, SIGNATURES, Array, CupyBackend, GpuCoder
 from kvstore.codecs.cachegen_params import LEVEL_LAMBDA, CachegenParams
 from kvstore.codecs.cachegen_profile import build_profile
+from kvstore.codecs.cachegen_transform import HeadStatistics, HeadTransform, build_transform
 from kvstore.codecs.container import unpack
 from kvstore.errors import CodecError, InvalidInput
 from kvstore.spec import KVSpec, ModelFingerprint
@@ -140,6 +141,40 @@ def profiled(
     return codec, layout, [kv(layout, seed=seed + 10 + i, channel_seed=seed) for i in range(2)]
 
 
+def random_transform(slabs: int, heads: int, dim: int, seed: int) -> HeadTransform:
+    """A per-head transform from random (Fisher, covariance) statistics."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(2, slabs, heads, dim, dim))
+    fisher, cov = a @ a.transpose(0, 1, 3, 2) * 1e-9, b @ b.transpose(0, 1, 3, 2)
+    return build_transform(HeadStatistics(fisher, cov))
+
+
+def transformed(
+    seed: int,
+    dtype: str = "bfloat16",
+    rope_theta: float = 0.0,
+    tables: bool = True,
+    exact: int = 1,
+    tokens: int = 40,
+) -> tuple[CachegenCodec, ChunkLayout, list[torch.Tensor]]:
+    """A codec whose profile has a per-head transform, and chunks it fits."""
+    layout = ChunkLayout(spec(dtype, layers=2, heads=2, dim=16), tokens)
+    samples = [(raw(kv(layout, seed=seed + i, channel_seed=seed)), layout) for i in range(2)]
+    params = CachegenParams(level=1, rope_theta=rope_theta, exact_tokens=exact)
+    profile = build_profile(samples, params, transform=random_transform(4, 2, 16, seed))
+    config: CodecParams = {"profile": profile.digest, "rope_theta": rope_theta, "exact_tokens": exact}
+    codec = CachegenCodec({**config, "profile_tables": tables}, profiles=[profile])
+    return codec, layout, [kv(layout, seed=seed + 10 + i, channel_seed=seed) for i in range(2)]
+
+
+def transformed_cases(seed: int) -> Iterator[tuple[CachegenCodec, ChunkLayout, torch.Tensor]]:
+    for i, (dtype, theta, tables, exact, tokens) in enumerate(
+        [("bfloat16", 0.0, True, 1, 40), ("float16", 1e4, False, 0, 17), ("float32", 1e5, True, 2, 9)]
+    ):
+        codec, layout, xs = transformed(seed + i, dtype, theta, tables, exact, tokens)
+        yield codec, layout, xs[0]
+
+
 def cpu_decode(codec: CachegenCodec, blob: bytes, layout: ChunkLayout) -> np.ndarray:
     out = np.full(layout.nbytes, POISON, np.uint8)
     codec.decode_into(blob, out)
@@ -181,7 +216,35 @@ def check_both_ways(
 def test_emulated_kernels_match_the_cpu_coder(emulated: EmulatedBackend) -> None:
     for codec, layout, x in cases(seed=0):
         check_both_ways(GpuCoder(codec, emulated), layout, x)
+    for codec, layout, x in transformed_cases(seed=0):
+        check_both_ways(GpuCoder(codec, emulated), layout, x)
     assert set(emulated.launches) == set(SIGNATURES)
+
+
+@pytest.mark.parametrize(("tokens", "dim"), [(11, 20), (13, 32)])  # the C coder's blocked path: D % 16 == 0
+def test_emulated_transform_kernel_matches_the_cpu_coder(
+    emulated: EmulatedBackend, tokens: int, dim: int
+) -> None:
+    """cg_transform == kvstore._rangecoder.transform bit for bit, with and without constant channels."""
+    rng = np.random.default_rng(4)
+    slabs, exact, heads = 3, 2, 2
+    x = rng.normal(size=(slabs, tokens, heads, dim)).astype(np.float32)
+    live = (rng.random(slabs * heads * dim) < 0.6).astype(np.uint8)
+    x = np.where(live.reshape(slabs, 1, heads, dim) == 0, x[:, exact : exact + 1], x)  # constant channels
+    m = rng.normal(size=(slabs, heads, dim, dim)) * 10.0 ** rng.integers(-3, 3, (slabs, heads, dim, dim))
+    m = m.astype(np.float32)
+    for flags in (None, live):
+        want = np.zeros_like(x)
+        rangecoder().transform(x, want, slabs, tokens, exact, heads, dim, m.tobytes(), flags)
+        got = emulated.empty(x.size, np.float32)
+        have = flags if flags is not None else np.zeros(1, np.uint8)
+        geo = (slabs, tokens, exact, heads, dim)
+        emulated.launch("cg_transform", x[:, exact:].size, x, got, *geo, m, have, int(flags is not None))
+        assert np.array_equal(
+            got.reshape(x.shape)[:, exact:].view(np.uint32), want[:, exact:].view(np.uint32)
+        )
+    ref = np.einsum("shde,sthe->sthd", m.astype(np.float64), x.astype(np.float64))[:, exact:]
+    assert np.allclose(want[:, exact:], ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
 
 
 def test_emulated_kernels_with_a_profile(emulated: EmulatedBackend) -> None:

@@ -120,7 +120,7 @@ def test_rope_refusals_and_format_one() -> None:
         decode(codec, pack(c.codec, old, c.layout, sections), layout), decode(codec, blob, layout)
     )
     out = np.empty(layout.nbytes, np.uint8)
-    for params in ({**old, "rope_theta": THETA}, {**c.params, "format": 3}, {**c.params, "rope_theta": -1.0}):
+    for params in ({**old, "rope_theta": THETA}, {**c.params, "format": 4}, {**c.params, "rope_theta": -1.0}):
         with pytest.raises(CodecError):
             codec.decode_into(pack(c.codec, params, c.layout, sections), out)
     m = unpack(CachegenCodec().encode(raw(kv(mla)), mla))

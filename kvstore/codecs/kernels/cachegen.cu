@@ -414,3 +414,27 @@ CG_KERNEL void cg_rope(const u8 *src, int sdt, u8 *dst, int ddt, i64 slabs, i64 
         }
     }
 }
+
+// One thread per output value (slab, token, head, d): dst = M[s][h] @ src over the head's D values,
+// for tokens exact.. (float32; matrices [slabs][heads][D][D], row d = output d). With has_live, a
+// channel whose live byte is 0 holds one value (that of token `exact`): those terms are summed
+// first, in channel order from +0, and the live ones are added after, in channel order; without,
+// acc = +0 then every channel in order. Exactly the C coder's transform, bit for bit.
+CG_KERNEL void cg_transform(const float *src, float *dst, i64 slabs, i64 tokens, i64 exact, i64 heads, i64 dim,
+                            const float *mats, const u8 *live, int has_live) {
+    i64 tq = tokens - exact, C = heads * dim;
+    CG_FOR(i, slabs * tq * heads * dim) {
+        i64 d = i % dim, h = (i / dim) % heads, t = exact + (i / (dim * heads)) % tq, s = i / (dim * heads * tq);
+        const float *m = mats + ((u64)(s * heads + h) * (u64)dim + (u64)d) * (u64)dim;
+        const float *x = src + (u64)((s * tokens + t) * C + h * dim);
+        const float *x0 = src + (u64)((s * tokens + exact) * C + h * dim);
+        const u8 *lv = live + (u64)(s * C + h * dim);
+        float acc = 0.0f;
+        if (has_live)
+            for (i64 e = 0; e < dim; e++)
+                if (!lv[e]) acc = cg_fadd(acc, cg_fmul(m[e], x0[e]));
+        for (i64 e = 0; e < dim; e++)
+            if (!has_live || lv[e]) acc = cg_fadd(acc, cg_fmul(m[e], x[e]));
+        dst[(u64)((s * tokens + t) * C + h * dim + d)] = acc;
+    }
+}
