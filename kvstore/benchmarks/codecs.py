@@ -18,6 +18,12 @@ on the KV of real prompts (Python-docs passages and ShareGPT chats,
   top-1 agreement, perplexity delta, greedy exact-match length; means over
   the prompts.
 
+cachegen runs in its recommended setup (``codecs_variants.cachegen_setup``):
+per-channel sensitivity calibrated on the calibration prompts (never the
+scored ones), keys un-rotated with the model's RoPE base, the profile's
+tables at 256 tokens and inline tables with the same steps at 2048;
+``--uncalibrated`` measures the plain levels (no sensitivity, keys as they are).
+
 The defaults (6 prompts, 2048 context tokens, 256 continuation tokens) are the
 sizes ``kvstore.quality`` recommends for reported numbers; ``--quick`` is a
 tiny run for tests. ``--device cuda`` runs the model on the GPU and also
@@ -59,6 +65,7 @@ class CodecsBenchConfig:
     seed: int = 0
     only: tuple[str, ...] | None = None
     show_progress: bool = True
+    calibrated: bool = True
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.calibration_prompts < 1:
@@ -98,6 +105,7 @@ class CodecsBenchConfig:
             seed=args.seed,
             only=only,
             show_progress=not args.no_progress,
+            calibrated=not args.uncalibrated,
         )
 
 
@@ -116,7 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--calibration-prompts",
         type=positive_int,
-        help="other prompts the cachegen profiles are built from (default 4; --quick 1)",
+        help="other prompts cachegen's sensitivity and profiles are built from (default 4; --quick 1)",
+    )
+    add(
+        "--uncalibrated",
+        action="store_true",
+        help="cachegen without calibrated sensitivity or key un-rotation (the plain levels)",
     )
     add("--device", choices=("cpu", "cuda"), default="cpu", help="where the model and GPU codec paths run")
     add("--only", help="comma-separated variant keys to measure (default: all), e.g. int8,cachegen_l1")

@@ -4,7 +4,8 @@ Everything is measured on the bfloat16 chunks a store holds (the model's KV
 rounded to bfloat16), so the reference of the quality columns is that KV
 itself: a lossless codec scores KL 0, top-1 1.0 and a perplexity delta of
 exactly 0. Prompt sampling, prefill, chunking and profile building come from
-``kvstore.codecs.cachegen_bench``.
+``kvstore.codecs.cachegen_bench``; cachegen's setup (calibrated by default)
+from ``kvstore.benchmarks.codecs_variants``.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import numpy as np
 import torch
 import zstandard
 
-from kvstore.benchmarks.codecs_variants import Variant
+from kvstore.benchmarks.codecs_variants import CachegenCodecs, CachegenSetup, Variant, cachegen_codecs
 from kvstore.benchmarks.common import Case, Timing, measure_interleaved
 from kvstore.buffers import U8
 from kvstore.codecs.base import ChunkLayout, Codec, make_codec
 from kvstore.codecs.cachegen import CachegenCodec
-from kvstore.codecs.cachegen_bench import make_profile, mean_report, ratio, roundtrip, to_chunks
-from kvstore.codecs.cachegen_profile import CachegenProfile
+from kvstore.codecs.cachegen_bench import mean_report, ratio, roundtrip, to_chunks
 from kvstore.quality import KVTransform, QualityHarness
 from kvstore.spec import KVSpec
 
@@ -97,13 +97,15 @@ class VariantResult:
 
 @dataclass(frozen=True, slots=True)
 class Inputs:
-    """What every variant is measured on: the prompts' harnesses and the profile's calibration KV."""
+    """What every variant is measured on: the prompts' harnesses, the calibration prompts' KV
+    (cachegen's profiles) and cachegen's setup (calibrated on those same prompts, or not)."""
 
     spec: KVSpec
     harnesses: Sequence[StoredKVHarness]
     calibration: Sequence[torch.Tensor]
     iters: int
     warmup: int
+    cachegen: CachegenSetup
 
     def contexts(self) -> list[torch.Tensor]:
         return [h.reference_kv for h in self.harnesses]
@@ -200,26 +202,30 @@ def float32_quality(harnesses: Sequence[StoredKVHarness]) -> tuple[Quality, floa
     return quality, float(np.mean([r.ppl_reference for r in reports]))
 
 
-def profile_for(variant: Variant, inputs: Inputs) -> CachegenProfile | None:
-    """The shared per-model profile of a cachegen variant (from the calibration prompts), else None."""
+def cachegen_for(variant: Variant, inputs: Inputs) -> CachegenCodecs | None:
+    """The profile and codecs of a cachegen variant in the run's setup, else None."""
     if not variant.profile:
         return None
-    return make_profile(inputs.calibration, inputs.spec, variant.level)
+    return cachegen_codecs(variant, inputs.cachegen, inputs.calibration, inputs.spec)
 
 
-def codecs_of(variant: Variant, profile: CachegenProfile | None) -> tuple[Codec, Codec]:
-    """(the codec as configured, the codec a store would use for 256-token chunks: with the profile)."""
-    codec = make_codec(variant.codec, variant.params)
-    if profile is None:
+def codecs_of(variant: Variant, cachegen: CachegenCodecs | None) -> tuple[Codec, Codec]:
+    """(the codec for long chunks, the codec a store would use for 256-token chunks)."""
+    if cachegen is None:
+        codec = make_codec(variant.codec, variant.params)
         return codec, codec
-    with_profile = CachegenCodec({**variant.params, "profile": profile.digest}, profiles=[profile])
-    return codec, with_profile
+    return cachegen.inline, cachegen.stored
 
 
 def measure_variant(variant: Variant, inputs: Inputs, *, gpu: bool = False) -> VariantResult:
-    """Size at 2048 and 256 tokens, quality at 256-token chunks, speed at 256-token chunks."""
-    profile = profile_for(variant, inputs)
-    codec, stored = codecs_of(variant, profile)
+    """Size at 2048 and 256 tokens, quality at 256-token chunks, speed at 256-token chunks.
+
+    cachegen: ``ratio_2048`` and ``ratio_256_own_tables`` with inline tables, the rest with the
+    shared profile (the same steps, so the same decoded values).
+    """
+    cachegen = cachegen_for(variant, inputs)
+    profile = cachegen.profile if cachegen is not None else None
+    codec, stored = codecs_of(variant, cachegen)
     kvs, spec = inputs.contexts(), inputs.spec
     chunks = inputs.store_chunks()
     own = ratio(codec, kvs, spec, STORE_CHUNK) if profile is not None else None

@@ -17,7 +17,7 @@ import torch
 
 from kvstore.benchmarks import codecs_measure as m
 from kvstore.benchmarks.codecs import CodecsBenchConfig
-from kvstore.benchmarks.codecs_variants import select, variants
+from kvstore.benchmarks.codecs_variants import CALIBRATION_DRAWS, Variant, cachegen_setup, select, variants
 from kvstore.benchmarks.common import Report, progress, say
 from kvstore.codecs.cachegen_bench import prefill_kv, prompt_ids
 from kvstore.errors import InvalidInput
@@ -56,7 +56,7 @@ def bench_codecs(config: CodecsBenchConfig) -> Report:
     check_device(config.device)
     todo = select(variants(), list(config.only) if config.only else None)
     with torch_threads(1):
-        inputs = build_inputs(load_smollm2("bfloat16"), config)
+        inputs = build_inputs(load_smollm2("bfloat16"), config, todo)
         results = []
         with progress(len(todo), "bench codecs", config.show_progress) as bar:
             for variant in todo:
@@ -66,17 +66,19 @@ def bench_codecs(config: CodecsBenchConfig) -> Report:
                 bar.update(1)
         fp32, ppl_reference = m.float32_quality(inputs.harnesses)
         zstd = (m.zstd_ratio(inputs.contexts(), m.LONG_CHUNK), m.zstd_ratio(inputs.contexts(), m.STORE_CHUNK))
-    return build_report(config, results, fp32, ppl_reference, zstd)
+    return build_report(config, results, fp32, ppl_reference, zstd, inputs.cachegen.rope_theta)
 
 
-def build_inputs(loaded: LoadedModel, config: CodecsBenchConfig) -> m.Inputs:
-    """The measured prompts' harnesses and the calibration prompts' KV, from one draw of prompts.
+def build_inputs(loaded: LoadedModel, config: CodecsBenchConfig, todo: Sequence[Variant]) -> m.Inputs:
+    """The measured prompts' harnesses, the calibration prompts' KV and cachegen's setup, from one
+    draw of prompts.
 
     ``prompt_ids`` returns its passages, then its chats; each half is split
-    between the measured prompts and the calibration prompts, so that the
-    profile never sees a measured prompt and ShareGPT is read once. The
-    calibration KV is computed on the CPU; with ``--device cuda`` the model
-    then moves to the GPU for the harnesses.
+    between the measured prompts and the calibration prompts, so that neither
+    the sensitivity nor the profiles see a measured prompt and ShareGPT is
+    read once. Calibration (context + continuation of each calibration
+    prompt) and the calibration KV are computed on the CPU; with ``--device
+    cuda`` the model then moves to the GPU for the harnesses.
     """
     p, c = config.prompts, config.calibration_prompts
     ids = prompt_ids(loaded, p + c, config.context + config.continuation, seed=config.seed + 1)
@@ -88,6 +90,10 @@ def build_inputs(loaded: LoadedModel, config: CodecsBenchConfig) -> m.Inputs:
         raise InvalidInput(
             f"could not draw {p} + {c} prompts of {config.context + config.continuation} tokens"
         )
+    if config.calibrated and any(v.profile for v in todo):
+        say(f"calibrating cachegen on {len(calibration)} prompt(s), {CALIBRATION_DRAWS} draws each")
+    pairs = [(x[: config.context], x[config.context :]) for x in calibration]
+    setup = cachegen_setup(loaded, pairs, calibrated=config.calibrated and any(v.profile for v in todo))
     kvs = [prefill_kv(loaded, x[: config.context]) for x in calibration]
     if config.device == "cuda":
         torch.nn.Module.to(loaded.model, "cuda")  # in place
@@ -97,7 +103,7 @@ def build_inputs(loaded: LoadedModel, config: CodecsBenchConfig) -> m.Inputs:
         )
         for x in measured
     ]
-    return m.Inputs(loaded.spec_for("bfloat16"), harnesses, kvs, config.iters, config.warmup)
+    return m.Inputs(loaded.spec_for("bfloat16"), harnesses, kvs, config.iters, config.warmup, setup)
 
 
 def _g(x: float) -> float:
@@ -158,10 +164,12 @@ def build_report(
     fp32: m.Quality,
     ppl_reference: float,
     zstd: tuple[float, float],
+    rope_theta: float = 0.0,
 ) -> Report:
     """The table (zstd-1 and float32 rows first), the notes and every JSON value."""
     report = Report(headers=HEADERS)
     _record_run(report, config, fp32, ppl_reference)
+    report.record("cachegen_rope_theta", rope_theta)
     zstd_enc = statistics.median(r.speed.zstd_encode_mbps for r in results)
     zstd_dec = statistics.median(r.speed.zstd_decode_mbps for r in results)
     for name, value in (("ratio_2048", zstd[0]), ("ratio_256", zstd[1])):
@@ -185,6 +193,8 @@ def _record_run(report: Report, config: CodecsBenchConfig, fp32: m.Quality, ppl_
         ("prompts", config.prompts), ("context_tokens", config.context),
         ("continuation_tokens", config.continuation), ("greedy_tokens", config.greedy_tokens),
         ("calibration_prompts", config.calibration_prompts), ("chunk_tokens", m.STORE_CHUNK),
+        ("cachegen_calibrated", config.calibrated),
+        ("calibration_draws", CALIBRATION_DRAWS if config.calibrated else 0),
         ("iters", config.iters), ("warmup", config.warmup), ("threads", 1), ("device", config.device),
         ("reference", "bfloat16 KV"), ("recommended_sizes", config.recommended),
     ):  # fmt: skip
@@ -215,10 +225,16 @@ def notes(config: CodecsBenchConfig, results: Sequence[m.VariantResult]) -> list
     out = [size, quality, speed]
     sizes = sorted({r.profile_bytes for r in results if r.profile_bytes is not None})
     if sizes:
+        setup = (
+            f"calibrated: per-channel sensitivity from the same {config.calibration_prompts} prompt(s) "
+            f"({CALIBRATION_DRAWS} draws), keys un-rotated; x@2048 and 'own' with the calibrated steps"
+            if config.calibrated
+            else "uncalibrated: the plain levels, keys as they are"
+        )
         out.append(
             f"cachegen x@256 (and its speed, quality) with a shared per-model profile from "
             f"{config.calibration_prompts} other prompts ({sizes[0]:,}-{sizes[-1]:,} bytes per level, stored "
-            "once per model, not counted per chunk); 'own' = each chunk carries its own tables"
+            f"once per model, not counted per chunk); 'own' = each chunk carries its own tables; {setup}"
         )
     if config.device == "cuda":
         out.append("gpu: only cachegen has a CUDA path (keys *_gpu_*_mbps); other codecs ran on the CPU")

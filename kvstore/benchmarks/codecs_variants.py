@@ -5,15 +5,36 @@ A variant names a codec configuration and the prefix of its JSON keys
 are read from their modules, so a new default level is picked up without
 editing this table; a registered codec missing from the table is measured
 with its default parameters under its own name.
+
+cachegen is measured in its recommended setup (docs/codecs.md, "cachegen"),
+built in one place, :func:`cachegen_setup` (what is computed once from the
+model) and :func:`cachegen_codecs` (the codecs of one level): per-channel
+sensitivity calibrated on prompts other than the scored ones, keys
+un-rotated with the model's RoPE base, a shared per-model profile for
+256-token chunks and the same steps with inline tables for 2048-token
+chunks. ``--uncalibrated`` measures the plain levels instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 import kvstore.codecs  # noqa: F401  # registers every codec
 from kvstore.codecs import cachegen_params, lossless
-from kvstore.codecs.base import CodecParams, codec_names
+from kvstore.codecs.base import Codec, CodecParams, codec_names
+from kvstore.codecs.cachegen import CachegenCodec
+from kvstore.codecs.cachegen_bench import make_profile
+from kvstore.codecs.cachegen_calibrate import calibrate, rope_theta_of
+from kvstore.codecs.cachegen_params import F64
+from kvstore.codecs.cachegen_profile import CachegenProfile
+from kvstore.models import LoadedModel
+from kvstore.spec import KVSpec
+
+#: sampled target sets per calibration prompt (cachegen_bench's default)
+CALIBRATION_DRAWS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +63,7 @@ class Variant:
 
 def _quant() -> list[Variant]:
     return [
-        Variant("int8", "quant int8 (token groups of 128)", "quant", {"bits": 8}),
+        Variant("int8", "quant int8 (default: KIVI, groups of 128, token 0 exact)", "quant", {"bits": 8}),
         Variant(
             "int4", "quant int4 KIVI (K per channel, V per token)", "quant", {"bits": 4, "group": "kivi"}
         ),
@@ -89,3 +110,62 @@ def select(all_variants: list[Variant], keys: list[str] | None) -> list[Variant]
     if unknown:
         raise ValueError(f"unknown codec variant(s) {unknown}; known: {sorted(names)}")
     return [v for v in all_variants if v.key in keys]
+
+
+@dataclass(frozen=True, slots=True)
+class CachegenSetup:
+    """What every cachegen level of a run shares, computed once from the model.
+
+    Invariants: ``sensitivity`` is None exactly when the run is uncalibrated
+    (then ``rope_theta`` is 0.0: keys coded as they are, the plain levels).
+    """
+
+    sensitivity: F64 | None
+    rope_theta: float
+
+    @property
+    def calibrated(self) -> bool:
+        return self.sensitivity is not None
+
+
+@dataclass(frozen=True, slots=True)
+class CachegenCodecs:
+    """The codecs of one cachegen level: ``stored`` (256-token chunks, the shared profile's tables),
+    ``inline`` (the same steps, each container with its own tables: 2048-token chunks)."""
+
+    profile: CachegenProfile
+    inline: Codec
+    stored: Codec
+
+
+def cachegen_setup(
+    loaded: LoadedModel, prompts: Sequence[tuple[Sequence[int], Sequence[int]]], *, calibrated: bool = True
+) -> CachegenSetup:
+    """The recommended setup: sensitivity from ``prompts`` (context, continuation) and the RoPE base.
+
+    ``prompts`` must not be the scored ones. Uncalibrated: neither (the plain levels).
+
+    Raises:
+        InvalidInput: a calibration prompt too short (``cachegen_calibrate.calibrate``).
+    """
+    if not calibrated:
+        return CachegenSetup(None, 0.0)
+    sensitivity = calibrate(loaded, prompts, draws=CALIBRATION_DRAWS)
+    return CachegenSetup(sensitivity, rope_theta_of(loaded))
+
+
+def cachegen_codecs(
+    variant: Variant, setup: CachegenSetup, kvs: Sequence[torch.Tensor], spec: KVSpec
+) -> CachegenCodecs:
+    """The profile (from 256-token chunks of ``kvs``, the calibration prompts' KV) and codecs of
+    ``variant``'s level in ``setup`` (as ``cachegen_bench.measure_level`` builds them)."""
+    profile = make_profile(kvs, spec, variant.level, setup.sensitivity, setup.rope_theta)
+    params: dict[str, int | float | str | bool] = dict(variant.params)
+    if setup.rope_theta:
+        params["rope_theta"] = setup.rope_theta
+    shared: CodecParams = {**params, "profile": profile.digest}
+    stored = CachegenCodec(shared, profiles=[profile])
+    if not setup.calibrated:
+        return CachegenCodecs(profile, CachegenCodec(params), stored)
+    inline = CachegenCodec({**shared, "profile_tables": False}, profiles=[profile])
+    return CachegenCodecs(profile, inline, stored)

@@ -11,8 +11,14 @@ to the spec's dtype. int4 packs two codes per byte, int2 four (element
 ``torch.float8_e4m3fn``). Groups are described in ``quant_groups.py``; the
 arithmetic is numpy (``quant_floats.py`` says why).
 
+The first ``exact_tokens`` tokens of a chunk (default 1 for int8: the
+attention sink at a sequence start) are stored verbatim and the groups
+cover the rest, as a chunk of their own. int8 defaults to KIVI groups
+(docs/codecs.md, "int8 defaults", has the measurements).
+
 Sections: ``codes`` (packed codes), ``scale`` and, for integer formats,
-``zero`` (little-endian float16 or float32, as ``scale_dtype`` says).
+``zero`` (little-endian float16 or float32, as ``scale_dtype`` says), then
+with ``exact_tokens > 0`` ``exact`` (those tokens' bytes, slab by slab).
 Invariants: encoder and decoder derive every size from (layout, params); a
 section of any other length is a :class:`CodecError`; only float KV
 (float32, float16, bfloat16) with finite values is accepted.
@@ -20,7 +26,7 @@ section of any other length is a :class:`CodecError`; only float KV
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Final, Literal, get_args
 
 import numpy as np
@@ -51,7 +57,24 @@ _OUT_NP: dict[str, np.dtype[np.generic]] = {
     "float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")
 }
 _SCALE_NP: dict[str, np.dtype[np.floating]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
-_KEYS = frozenset({"bits", "format", "group", "group_size", "scale_dtype"})
+#: int8's defaults: see docs/codecs.md ("quant", int8 defaults) for the measurements behind them
+INT8_DEFAULT_GROUP: Final = "kivi"
+INT8_DEFAULT_EXACT_TOKENS: Final = 1
+_KEYS = frozenset({"bits", "format", "group", "group_size", "scale_dtype", "exact_tokens"})
+#: upper bound of ``exact_tokens`` (a chunk shorter than it is stored verbatim)
+MAX_EXACT_TOKENS: Final = 1 << 16
+
+
+def default_group(fmt: str, bits: object) -> str:
+    """The ``group`` a codec gets when its params name none."""
+    if fmt == "e4m3":
+        return "tensor"
+    return INT8_DEFAULT_GROUP if bits == 8 else "token"
+
+
+def default_exact_tokens(fmt: str, bits: object) -> int:
+    """The ``exact_tokens`` a codec gets when its params name none (containers without the key: 0)."""
+    return INT8_DEFAULT_EXACT_TOKENS if fmt == "int" and bits == 8 else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +82,7 @@ class QuantParams:
     """Validated quant parameters; :meth:`as_dict` is what a container stores.
 
     Invariants: ``bits`` in {8, 4, 2}; ``e4m3`` only with 8 bits;
-    ``1 <= group_size <= MAX_GROUP_SIZE``.
+    ``1 <= group_size <= MAX_GROUP_SIZE``; ``0 <= exact_tokens <= MAX_EXACT_TOKENS``.
     """
 
     bits: int = 8
@@ -67,10 +90,13 @@ class QuantParams:
     group: Group = "token"
     group_size: int = 128
     scale_dtype: ScaleDType = "float16"
+    exact_tokens: int = 0
 
     @classmethod
-    def parse(cls, params: CodecParams, error: type[Exception]) -> QuantParams:
-        """Check ``params`` (missing keys take defaults; fp8 defaults to ``group="tensor"``).
+    def parse(cls, params: CodecParams, error: type[Exception], *, stored: bool = False) -> QuantParams:
+        """Check ``params`` (missing keys take defaults: :func:`default_group`,
+        :func:`default_exact_tokens`; a ``stored`` container's missing ``exact_tokens`` is 0, as
+        containers written before the key existed, and ones with 0, omit it).
 
         Raises:
             error: an unknown key, or a value of the wrong type or out of range.
@@ -78,21 +104,29 @@ class QuantParams:
         unknown = set(params) - _KEYS
         if unknown:
             raise error(f"quant takes {sorted(_KEYS)}, got unknown {sorted(unknown)}")
-        fmt = params.get("format", "int")
-        default_group = "tensor" if fmt == "e4m3" else "token"
-        bits, group = params.get("bits", 8), params.get("group", default_group)
+        fmt, bits = params.get("format", "int"), params.get("bits", 8)
+        group = params.get("group", default_group(str(fmt), bits))
         size, sdt = params.get("group_size", 128), params.get("scale_dtype", "float16")
+        exact = params.get("exact_tokens", 0 if stored else default_exact_tokens(str(fmt), bits))
         if fmt not in get_args(Format) or group not in get_args(Group) or sdt not in get_args(ScaleDType):
             raise error(f"quant format/group/scale_dtype {fmt!r}/{group!r}/{sdt!r} unknown")
         if type(bits) is not int or bits not in (8, 4, 2) or (fmt == "e4m3" and bits != 8):
             raise error(f"quant bits must be 8, 4 or 2 (8 for e4m3), got {bits!r}")
         if type(size) is not int or not 1 <= size <= MAX_GROUP_SIZE:
             raise error(f"quant group_size must be an int in [1, {MAX_GROUP_SIZE}], got {size!r}")
-        return cls(bits, fmt, group, size, sdt)  # type: ignore[arg-type]  # checked against get_args
+        if type(exact) is not int or not 0 <= exact <= MAX_EXACT_TOKENS:
+            raise error(f"quant exact_tokens must be an int in [0, {MAX_EXACT_TOKENS}], got {exact!r}")
+        return cls(bits, fmt, group, size, sdt, exact)  # type: ignore[arg-type]  # checked against get_args
 
     def as_dict(self) -> dict[str, int | float | str | bool]:
-        return {"bits": self.bits, "format": self.format, "group": self.group,
-                "group_size": self.group_size, "scale_dtype": self.scale_dtype}
+        """The params a container stores (``exact_tokens`` only when > 0: such containers read as before)."""
+        out: dict[str, int | float | str | bool] = {
+            "bits": self.bits, "format": self.format, "group": self.group,
+            "group_size": self.group_size, "scale_dtype": self.scale_dtype,
+        }  # fmt: skip
+        if self.exact_tokens:
+            out["exact_tokens"] = self.exact_tokens
+        return out
 
     @property
     def qmax(self) -> int:
@@ -109,12 +143,36 @@ class Sizes:
     scale: int
 
 
+def _plan(layout: ChunkLayout, p: QuantParams) -> list[Segment]:
+    """The segments of one layer of ``layout``'s quantized tokens (none for zero tokens)."""
+    return plan(layout, p.group, p.group_size) if layout.num_tokens else []
+
+
 def sizes(layout: ChunkLayout, p: QuantParams) -> Sizes:
-    segments = plan(layout, p.group, p.group_size)
+    """Section sizes of the quantized tokens, ``layout`` being those tokens (see :func:`split_exact`)."""
+    segments = _plan(layout, p)
     layers = layout.spec.num_layers
     numel = layers * sum(s.numel for s in segments)
     groups = layers * sum(s.num_groups for s in segments)
     return Sizes(numel, groups, -(-numel * p.bits // 8), groups * _SCALE_NP[p.scale_dtype].itemsize)
+
+
+def split_exact(layout: ChunkLayout, p: QuantParams) -> tuple[int, ChunkLayout]:
+    """(tokens stored verbatim: the first ``exact_tokens``, at most all; the layout of the rest)."""
+    exact = min(p.exact_tokens, layout.num_tokens)
+    return exact, ChunkLayout(layout.spec, layout.num_tokens - exact)
+
+
+def _slabs(flat: U8, layout: ChunkLayout) -> U8:
+    """Chunk bytes as ``[layers * kv_factor, tokens, bytes of one token in one slab]`` (a view)."""
+    spec = layout.spec
+    rows = spec.num_layers * spec.kv_factor
+    return flat.reshape(rows, layout.num_tokens, spec.bytes_per_token // rows)
+
+
+def _check_finite(raw: U8, dtype: str, error: type[Exception]) -> None:
+    if raw.size and not np.isfinite(_to_float32(raw, dtype)).all():
+        raise error("quant: exact tokens must be finite (found NaN or infinity)")
 
 
 class _NeedFloat32(Exception):
@@ -171,13 +229,13 @@ def _encode(data: U8, layout: ChunkLayout, p: QuantParams) -> list[tuple[str, U8
     Raises:
         _NeedFloat32: ``p`` asks for float16 scales and a group bound does not fit.
     """
-    segments = plan(layout, p.group, p.group_size)
+    segments = _plan(layout, p)
     layers, per_layer = layout.spec.num_layers, layout.nbytes // layout.spec.num_layers
     want = sizes(layout, p)
     codes = np.empty(want.numel, dtype=np.uint8)
     stats = np.empty((2, want.num_groups), dtype=np.float32)
     cpos = gpos = 0
-    for layer in range(layers):
+    for layer in range(layers if segments else 0):
         values = _to_float32(data[layer * per_layer : (layer + 1) * per_layer], layout.spec.dtype)
         parts = part_views(values, layout)
         for seg in segments:
@@ -231,9 +289,11 @@ def _stats(c: Container, name: str, p: QuantParams, n: int) -> F32:
     return values
 
 
-def _check_sections(c: Container, p: QuantParams) -> Sizes:
-    want = sizes(c.layout, p)
+def _check_sections(c: Container, p: QuantParams, layout: ChunkLayout) -> Sizes:
+    """The sizes of the quantized tokens (``layout``), the sections checked against them."""
+    want = sizes(layout, p)
     names = ["codes", "scale", "zero"] if p.format == "int" else ["codes", "scale"]
+    names += ["exact"] if p.exact_tokens else []
     if [s.name for s in c.sections] != names or len(c.section("codes")) != want.codes:
         raise CodecError(f"quant container sections {[s.name for s in c.sections]} do not match {names}"
                          f" with {want.codes} code bytes")
@@ -246,17 +306,36 @@ def _store(y: F32, dst: npt.NDArray[np.generic], dtype: str) -> None:
 
 
 def _decode(c: Container, p: QuantParams, target: U8) -> None:
-    """Dequantize ``c`` layer by layer into ``target`` (exactly the chunk's bytes)."""
-    want = _check_sections(c, p)
+    """Decode ``c`` into ``target`` (exactly the chunk's bytes): the exact tokens copied, the rest
+    dequantized (in place when there are no exact tokens, else through a buffer)."""
+    exact, layout = split_exact(c.layout, p)
+    want = _check_sections(c, p, layout)
+    if p.exact_tokens:
+        head = np.frombuffer(c.section("exact"), dtype=np.uint8)
+        if head.size != exact * c.spec.bytes_per_token:
+            raise CodecError(f"quant section 'exact' holds {head.size} bytes, expected {exact} tokens")
+        _check_finite(head, c.dtype, CodecError)
+    if not exact:
+        _dequantize(c, p, layout, want, target)
+        return
+    tail = np.empty(layout.nbytes, dtype=np.uint8)
+    _dequantize(c, p, layout, want, tail)
+    slabs = _slabs(target, c.layout)
+    slabs[:, :exact] = _slabs(head, ChunkLayout(c.spec, exact))
+    slabs[:, exact:] = _slabs(tail, layout)
+
+
+def _dequantize(c: Container, p: QuantParams, layout: ChunkLayout, want: Sizes, target: U8) -> None:
+    """Dequantize the quantized tokens of ``c`` (``layout``) layer by layer into ``target``."""
     scales = _stats(c, "scale", p, want.num_groups)
     zeros = _stats(c, "zero", p, want.num_groups) if p.format == "int" else None
     codes = _unpack(np.frombuffer(c.section("codes"), dtype=np.uint8), p.bits, want.numel)
-    segments = plan(c.layout, p.group, p.group_size)
+    segments = _plan(layout, p)
     view = target.view(_OUT_NP[c.dtype])
-    per_layer = layer_numel(c.layout)
+    per_layer = layer_numel(layout)
     cpos = gpos = 0
-    for layer in range(c.spec.num_layers):
-        parts = part_views(view[layer * per_layer : (layer + 1) * per_layer], c.layout)
+    for layer in range(c.spec.num_layers if segments else 0):
+        parts = part_views(view[layer * per_layer : (layer + 1) * per_layer], layout)
         for seg in segments:
             q = codes[cpos : cpos + seg.numel].reshape(seg.grouped_shape)
             scale = scales[gpos : gpos + seg.num_groups].reshape(seg.stats_shape)
@@ -273,8 +352,9 @@ def _decode(c: Container, p: QuantParams, target: U8) -> None:
 
 class QuantCodec(Codec):
     """Group quantization. Params: ``bits`` (8/4/2), ``format`` (``int``/``e4m3``),
-    ``group`` (``token``/``channel``/``kivi``/``tensor``), ``group_size`` (default 128),
-    ``scale_dtype`` (``float16``/``float32``; float16 becomes float32 for chunks with |x| >= 32768).
+    ``group`` (``token``/``channel``/``kivi``/``tensor``; int8 default ``kivi``), ``group_size``
+    (default 128), ``scale_dtype`` (``float16``/``float32``; float16 becomes float32 for chunks with
+    |x| >= 32768), ``exact_tokens`` (leading tokens stored verbatim; int8 default 1, else 0).
     """
 
     name: ClassVar[str] = "quant"
@@ -295,12 +375,20 @@ class QuantCodec(Codec):
         if layout.spec.dtype not in _OUT_NP:
             raise InvalidInput(f"quant encodes float32/float16/bfloat16 KV, not {layout.spec.dtype}")
         p = self.quant
+        exact, rest = split_exact(layout, p)
+        extra: list[tuple[str, U8]] = []
+        if p.exact_tokens:
+            slabs = _slabs(data, layout)
+            head = np.ascontiguousarray(slabs[:, :exact]).reshape(-1)
+            _check_finite(head, layout.spec.dtype, InvalidInput)
+            extra = [("exact", head)]
+            data = np.ascontiguousarray(slabs[:, exact:]).reshape(-1)
         try:
-            sections = _encode(data, layout, p)
+            sections = _encode(data, rest, p)
         except _NeedFloat32:
-            p = QuantParams(p.bits, p.format, p.group, p.group_size, "float32")
-            sections = _encode(data, layout, p)
-        return pack(self.name, p.as_dict(), layout, list(sections))
+            p = replace(p, scale_dtype="float32")
+            sections = _encode(data, rest, p)
+        return pack(self.name, p.as_dict(), layout, [*sections, *extra])
 
     def decode_into(self, container: bytes | memoryview | U8, out: U8) -> ChunkLayout:
         """Dequantize into ``out`` in the spec's dtype.
@@ -310,7 +398,7 @@ class QuantCodec(Codec):
             InvalidInput: ``out`` is too small.
         """
         c = unpack_for(container, self.name)
-        p = QuantParams.parse(c.params, CodecError)
+        p = QuantParams.parse(c.params, CodecError, stored=True)
         if c.dtype not in _OUT_NP:
             raise CodecError(f"quant container claims dtype {c.dtype}, which quant never writes")
         with np.errstate(over="ignore", invalid="ignore"):  # hostile scales may overflow: inf, not a warning

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
 import kvstore.codecs  # noqa: F401  # registers the codecs
 from kvstore.codecs.base import ChunkLayout, Codec, codec_names, make_codec
-from kvstore.codecs.container import unpack
+from kvstore.codecs.container import SectionData, pack, unpack
 from kvstore.codecs.lossless import shuffle, unshuffle_into
 from kvstore.errors import CodecError, InvalidInput, UnknownName
 from kvstore.spec import KVSpec, ModelFingerprint
@@ -145,7 +148,8 @@ def _stored_scales(buf: bytes, x: torch.Tensor, axis: str, g: int) -> torch.Tens
 def test_int_error_is_at_most_half_a_stored_scale(dtype: str, bits: int, axis: str) -> None:
     lay = layout(dtype, tokens=64, heads=2, dim=32)
     x = chunk(lay, seed=bits, scale=3.0)
-    y, buf = round_trip(make_codec("quant", {"bits": bits, "group": axis, "group_size": 32}), x, lay)
+    params = {"bits": bits, "group": axis, "group_size": 32, "exact_tokens": 0}  # every token quantized
+    y, buf = round_trip(make_codec("quant", params), x, lay)
     err = (y.float() - x.float()).abs()
     scale = _stored_scales(buf, x, axis, 32)
     true_scale = _ranges(x, axis, 32) / (2**bits - 1)
@@ -263,6 +267,112 @@ def test_quant_refuses_bad_params_dtypes_and_values() -> None:
     lay = layout("float32")
     x = chunk(lay)
     x[1, 1, 3, 0, 5] = float("nan")
+    with pytest.raises(InvalidInput, match="finite"):
+        make_codec("quant").encode(raw_of(x), lay)
+
+
+OLD_KEYS = {"bits", "format", "group", "group_size", "scale_dtype"}  # a quant header before exact_tokens
+
+
+def _repack(buf: bytes, params: Mapping[str, Any] | None = None, **sections: bytes) -> bytes:
+    """``buf`` re-written with other params or section bytes (fresh checksums: only the schema can object)."""
+    c = unpack(buf)
+    data: list[tuple[str, SectionData]] = [(s.name, bytes(sections.get(s.name, c.section(s.name))))
+                                           for s in c.sections]
+    return pack("quant", dict(params if params is not None else c.params), c.layout, data)
+
+
+def test_int8_defaults_are_kivi_with_the_first_token_exact() -> None:
+    assert make_codec("quant").params == {"bits": 8, "format": "int", "group": "kivi", "group_size": 128,
+                                          "scale_dtype": "float16", "exact_tokens": 1}
+    assert make_codec("quant", {"bits": 8}).params == make_codec("quant").params
+    cases: list[tuple[dict[str, Any], str]] = [({"bits": 4}, "token"), ({"bits": 2}, "token"),
+                                                ({"format": "e4m3"}, "tensor")]
+    for params, group in cases:
+        p = make_codec("quant", params).params
+        assert p["group"] == group and "exact_tokens" not in p  # as before the key existed
+    assert make_codec("quant", {"exact_tokens": 0}).params["group"] == "kivi"
+    assert make_codec("quant", {"bits": 4, "exact_tokens": 2}).params["exact_tokens"] == 2
+
+
+@pytest.mark.parametrize("mla", [False, True])
+@pytest.mark.parametrize("params", [{}, {"bits": 4, "group": "token", "exact_tokens": 3},
+                                    {"format": "e4m3", "group": "channel", "exact_tokens": 1}])
+def test_exact_tokens_are_verbatim_and_the_rest_a_chunk_of_its_own(mla: bool, params: dict[str, Any]) -> None:
+    lay = layout("bfloat16", mla=mla, tokens=37, heads=3, dim=24)
+    x = chunk(lay, seed=11)
+    tok = 1 if mla else 2  # the token axis of [L, T, D] / [L, 2, T, H, D]
+    x.narrow(tok, 0, 1).mul_(300)  # an attention-sink-like outlier token
+    codec = make_codec("quant", params)
+    e = int(codec.params.get("exact_tokens", 0))
+    y, buf = round_trip(codec, x, lay)
+    assert [s.name for s in unpack(buf).sections][-1] == "exact"
+    assert torch.equal(y.narrow(tok, 0, e), x.narrow(tok, 0, e))
+    # the other tokens are exactly what the same groups give for them alone
+    rest = ChunkLayout(lay.spec, 37 - e)
+    x_rest = x.narrow(tok, e, 37 - e).contiguous()
+    alone, _ = round_trip(make_codec("quant", {**codec.params, "exact_tokens": 0}), x_rest, rest)
+    assert torch.equal(y.narrow(tok, e, 37 - e), alone)
+    if codec.params["group"] == "token" or codec.params["format"] != "int":
+        return  # per-token groups never mix tokens; e4m3's error is relative to each value
+    # integer groups along tokens: far better than with the outlier inside them
+    with_outlier, _ = round_trip(make_codec("quant", {**codec.params, "exact_tokens": 0}), x, lay)
+    err = (y.float() - x.float()).abs().narrow(tok, e, 37 - e).max()
+    err_outlier = (with_outlier.float() - x.float()).abs().narrow(tok, e, 37 - e).max()
+    assert err * 4 < err_outlier
+
+
+def test_exact_tokens_beyond_the_chunk_store_it_all() -> None:
+    lay = layout("float16", tokens=5)
+    x = chunk(lay, seed=4)
+    y, buf = round_trip(make_codec("quant", {"bits": 2, "exact_tokens": 8}), x, lay)
+    assert torch.equal(y, x)
+    c = unpack(buf)
+    assert [len(c.section(n)) for n in ("codes", "scale", "zero")] == [0, 0, 0]
+    assert c.params["exact_tokens"] == 8
+
+
+def test_containers_without_exact_tokens_decode_as_before() -> None:
+    lay = layout("bfloat16", tokens=64)
+    x = chunk(lay, seed=6)
+    old_style = make_codec("quant", {"bits": 8, "group": "token", "exact_tokens": 0})
+    buf = old_style.encode(raw_of(x), lay)
+    assert set(unpack(buf).params) == OLD_KEYS  # the header an older version wrote, byte for byte
+    a = np.empty(lay.nbytes, np.uint8)
+    b = np.empty(lay.nbytes, np.uint8)
+    old_style.decode_into(buf, a)
+    make_codec("quant").decode_into(buf, b)  # today's default int8 reads it with the container's params
+    assert np.array_equal(a, b)
+    y = torch.from_numpy(b).view(torch.bfloat16).view(x.shape)
+    assert not torch.equal(y[:, :, 0], x[:, :, 0])  # token 0 was quantized, not exact
+    assert float((y.float() - x.float()).abs().max()) < 0.05
+    # a default container stripped of its key is refused, not misread
+    new = make_codec("quant").encode(raw_of(x), lay)
+    params = {k: v for k, v in unpack(new).params.items() if k != "exact_tokens"}
+    with pytest.raises(CodecError, match="sections"):
+        make_codec("quant").decode_into(_repack(new, params), a)
+
+
+def test_exact_tokens_refuse_bad_values_and_hostile_sections() -> None:
+    bad_values: list[Any] = [-1, True, 1.0, "1", 2**16 + 1, None]
+    for bad in bad_values:
+        with pytest.raises(InvalidInput, match="exact_tokens"):
+            make_codec("quant", {"exact_tokens": bad})
+    lay = layout("bfloat16", tokens=16)
+    x = chunk(lay, seed=8)
+    buf = make_codec("quant").encode(raw_of(x), lay)
+    out = np.empty(lay.nbytes, np.uint8)
+    for value in [-1, 2**16 + 1, True, "1"]:
+        with pytest.raises(CodecError, match="exact_tokens"):
+            make_codec("quant").decode_into(_repack(buf, {**unpack(buf).params, "exact_tokens": value}), out)
+    exact = bytes(unpack(buf).section("exact"))
+    with pytest.raises(CodecError, match="'exact'"):
+        make_codec("quant").decode_into(_repack(buf, exact=exact[:-2]), out)
+    nan = np.frombuffer(exact, np.uint16).copy()
+    nan[3] = 0x7FC0  # a bfloat16 NaN
+    with pytest.raises(CodecError, match="finite"):
+        make_codec("quant").decode_into(_repack(buf, exact=nan.tobytes()), out)
+    x[0, 1, 0, 1, 2] = float("inf")  # in the exact token
     with pytest.raises(InvalidInput, match="finite"):
         make_codec("quant").encode(raw_of(x), lay)
 
