@@ -201,6 +201,11 @@ def register_scheme(scheme: HashScheme) -> None:
     _SCHEMES[scheme.name] = scheme
 
 
+def scheme_names() -> list[str]:
+    """The registered hash schemes' names, sorted."""
+    return sorted(_SCHEMES)
+
+
 def get_scheme(name: str) -> HashScheme:
     try:
         return _SCHEMES[name]

@@ -142,8 +142,7 @@ class StoreAccess:
         """
         if not self.layered or self.store.config.write_mode != "write_through":
             return False
-        writer = self.store._writer  # TieredStore has no public accessor for its queue's depth
-        return writer.stats().depth >= self.store.config.queue_depth
+        return self.store.write_queue_depth() >= self.store.config.queue_depth
 
     def reserve(self, nbytes: int) -> Extent | None:
         return self.top.reserve(nbytes)

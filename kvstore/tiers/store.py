@@ -557,6 +557,10 @@ class TieredStore:
         """Wait for queued background writes."""
         self._writer.flush()
 
+    def write_queue_depth(self) -> int:
+        """Jobs waiting in the background writer for the lower tiers."""
+        return self._writer.stats().depth
+
     def stats(self) -> StoreStats:
         with self._lock:
             c = dict(self._counts)
