@@ -103,6 +103,13 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], load: b
     )
     blend_bench.add_arguments(bl)
     bl.set_defaults(bench_run=blend_bench.run)
+    from kvstore.benchmarks import migrate as migrate_bench
+
+    mg = which.add_parser(
+        "migrate", help="KV transfers between daemons over shaped, delayed links: raw vs chosen codec, deadlines"
+    )
+    migrate_bench.add_arguments(mg)
+    mg.set_defaults(bench_run=migrate_bench.run)
 
 
 def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -113,6 +120,14 @@ def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(command_run=inspect_cmd.run)
 
 
+def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from kvstore.service.migration import transfer_cli
+
+    p = sub.add_parser("migrate", help="move a namespace's chunks from one daemon to another (progress bar)")
+    transfer_cli.add_arguments(p)
+    p.set_defaults(command_run=transfer_cli.run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvstore", description="KV-cache store for LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,11 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_serve(sub)
     _add_bench(sub, load=bool(argv) and argv[0] == "bench")
     _add_inspect(sub)
+    _add_migrate(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
-        if args.command == "inspect":
+        if args.command in ("inspect", "migrate"):
             return int(args.command_run(args))
         return int(args.bench_run(args))
     except (KVStoreError, ValueError) as e:

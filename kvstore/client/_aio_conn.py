@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from kvstore.client._frames import (
     unavailable,
 )
 from kvstore.errors import KVStoreError, RemoteUnavailable
+from kvstore.service.migration.tls import TLSError, client_context
 from kvstore.service.protocol import (
     PREFIX_BYTES,
     MsgType,
@@ -57,10 +59,12 @@ class _Waiter:
 class AsyncConn:
     """A connected, greeted, pipelined socket (see the module docstring)."""
 
-    def __init__(self, endpoint: Endpoint, opts: ClientOptions, sock: socket.socket) -> None:
+    def __init__(self, endpoint: Endpoint, opts: ClientOptions, sock: socket.socket,
+                 stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None) -> None:
         self.endpoint = endpoint
         self.opts = opts
         self.sock = sock
+        self._stream = stream  # TLS: bytes go through asyncio streams instead of the raw socket
         self.closed = False
         self.info: ServerInfo | None = None
         self._loop = asyncio.get_running_loop()
@@ -72,6 +76,8 @@ class AsyncConn:
     @classmethod
     async def open(cls, endpoint: Endpoint, opts: ClientOptions) -> AsyncConn:
         """Connect and HELLO. Raises RemoteUnavailable (or the daemon's refusal, e.g. Unauthorized)."""
+        if opts.tls_for(endpoint):
+            return await cls._open_tls(endpoint, opts)
         loop = asyncio.get_running_loop()
         family = socket.AF_UNIX if endpoint.kind == "unix" else socket.AF_INET
         address: Any = endpoint.path
@@ -90,25 +96,45 @@ class AsyncConn:
             raise unavailable(endpoint, exc) from exc
         if endpoint.kind == "tcp":
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = cls(endpoint, opts, sock)
+        return await cls(endpoint, opts, sock)._greet()
+
+    @classmethod
+    async def _open_tls(cls, endpoint: Endpoint, opts: ClientOptions) -> AsyncConn:
+        """Connect with TLS (the CA of ``opts.tls_ca``), then HELLO."""
+        ctx = client_context(opts.tls_ca)
         try:
-            header, _ = await conn.call(MsgType.HELLO, hello_header(opts, endpoint.kind == "unix"))
-            conn.info = greeted(header, sock)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(endpoint.host, endpoint.port, ssl=ctx, limit=1 << 20), opts.timeout_s)
+        except ssl.SSLError as exc:
+            raise TLSError(f"TLS handshake with {endpoint} failed: {exc}") from exc
+        except (TimeoutError, OSError) as exc:
+            raise unavailable(endpoint, exc) from exc
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return await cls(endpoint, opts, sock, (reader, writer))._greet()
+
+    async def _greet(self) -> AsyncConn:
+        try:
+            header, _ = await self.call(MsgType.HELLO, hello_header(self.opts, self.endpoint.kind == "unix"))
+            self.info = greeted(header, self.sock)
         except BaseException:
-            conn.close()
+            self.close()
             raise
-        return conn
+        return self
 
     @property
     def load(self) -> int:
         return len(self._waiters)
 
     async def call(self, mt: MsgType, header: dict[str, Any], payload: bytes = b"",
-                   outs: Sequence[U8] | None = None) -> Reply:
-        """Send one request and await its reply (chunks of an OK GET reply go into ``outs``)."""
+                   outs: Sequence[U8] | None = None, extra_s: float = 0.0) -> Reply:
+        """Send one request and await its reply (chunks of an OK GET reply go into ``outs``).
+
+        ``extra_s``: seconds the daemon may take beyond the timeout (a LOOKUP that waits).
+        """
         future, rid = self._register(outs)
         await self._write([frame(mt, rid, header, len(payload)) + payload])
-        return await self._await(future, outs is not None)
+        return await self._await(future, outs is not None, extra_s)
 
     async def call_put(self, header: dict[str, Any], chunks: Sequence[U8]) -> dict[str, Any]:
         """A PUT with trailing checksums; each block hashed just before it is sent."""
@@ -117,9 +143,9 @@ class AsyncConn:
         head = frame(MsgType.PUT, rid, {**header, "checksum_trailer": True}, n)
         try:
             async with self._wlock:
-                await self._loop.sock_sendall(self.sock, head)
+                await self._sendall(head)
                 digests = [await self._send_hashed(c) for c in chunks]
-                await self._loop.sock_sendall(self.sock, b"".join(digests))
+                await self._sendall(b"".join(digests))
         except BaseException as exc:
             raise self._fail(exc) from exc
         return (await self._await(future, False))[0]
@@ -146,8 +172,11 @@ class AsyncConn:
         self.closed = True
         self._reader.cancel()
         self._fail_all(unavailable(self.endpoint, ConnectionError("connection closed")))
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        if self._stream is not None:
+            self._stream[1].close()
+        else:
+            with contextlib.suppress(OSError):
+                self.sock.close()
 
     # -- internals ---------------------------------------------------------------------
     def _register(self, outs: Sequence[U8] | None) -> tuple[asyncio.Future[Reply], int]:
@@ -163,7 +192,7 @@ class AsyncConn:
         try:
             async with self._wlock:
                 for buf in bufs:
-                    await self._loop.sock_sendall(self.sock, buf)
+                    await self._sendall(buf)
         except BaseException as exc:
             raise self._fail(exc) from exc
 
@@ -173,11 +202,11 @@ class AsyncConn:
         for off in range(0, chunk.size, SEND_BLOCK):
             block = view[off : off + SEND_BLOCK]
             h.update(block)
-            await self._loop.sock_sendall(self.sock, block)
+            await self._sendall(block)
         return h.digest()
 
-    async def _await(self, future: asyncio.Future[Reply], has_outs: bool) -> Reply:
-        timer = self._loop.call_later(self.opts.timeout_s, self._expire, future)
+    async def _await(self, future: asyncio.Future[Reply], has_outs: bool, extra_s: float = 0.0) -> Reply:
+        timer = self._loop.call_later(self.opts.timeout_s + extra_s, self._expire, future)
         try:
             return await future
         except asyncio.CancelledError:
@@ -255,12 +284,26 @@ class AsyncConn:
         return bytes(buf)
 
     async def _recv_into(self, view: memoryview) -> None:
+        if self._stream is not None:
+            try:
+                view[:] = await self._stream[0].readexactly(view.nbytes)
+            except asyncio.IncompleteReadError:
+                raise ConnectionResetError("the daemon closed the connection") from None
+            return
         got, n = 0, view.nbytes
         while got < n:
             k = await self._loop.sock_recv_into(self.sock, view[got:])
             if k == 0:
                 raise ConnectionResetError("the daemon closed the connection")
             got += k
+
+    async def _sendall(self, buf: bytes | memoryview) -> None:
+        if self._stream is None:
+            await self._loop.sock_sendall(self.sock, buf)
+            return
+        writer = self._stream[1]
+        writer.write(buf)
+        await writer.drain()
 
 
 def _retrieve(future: asyncio.Future[Reply]) -> None:

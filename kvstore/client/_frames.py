@@ -42,15 +42,17 @@ SHM_STEP = 4 << 20  # shared-memory puts tell the daemon every this many bytes w
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where the daemon listens: ``kvstore://host:port`` (TCP) or ``unix:///path``."""
+    """Where the daemon listens: ``kvstore://host:port`` (TCP), ``kvstores://`` (TCP with TLS) or ``unix:///path``."""
 
     kind: Literal["tcp", "unix"]
     host: str = ""
     port: int = 0
     path: str = ""
+    tls: bool = False
 
     def __str__(self) -> str:
-        return f"unix://{self.path}" if self.kind == "unix" else f"kvstore://{self.host}:{self.port}"
+        scheme = "kvstores" if self.tls else "kvstore"
+        return f"unix://{self.path}" if self.kind == "unix" else f"{scheme}://{self.host}:{self.port}"
 
 
 def parse_url(url: str) -> Endpoint:
@@ -65,11 +67,15 @@ def parse_url(url: str) -> Endpoint:
         if not path:
             raise InvalidInput(f"unix URL needs a socket path: {url!r} (unix:///run/kvstore.sock)")
         return Endpoint("unix", path=path)
-    if u.scheme in ("kvstore", "tcp"):
+    if u.scheme in ("kvstore", "tcp", "kvstores"):
         if not u.hostname:
             raise InvalidInput(f"kvstore URL needs a host: {url!r} (kvstore://127.0.0.1:7481)")
-        return Endpoint("tcp", host=u.hostname, port=u.port or DEFAULT_PORT)
-    raise InvalidInput(f"unsupported URL {url!r}: use kvstore://host:port or unix:///path")
+        try:
+            port = u.port or DEFAULT_PORT
+        except ValueError:
+            raise InvalidInput(f"bad port in {url!r}") from None
+        return Endpoint("tcp", host=u.hostname, port=port, tls=u.scheme == "kvstores")
+    raise InvalidInput(f"unsupported URL {url!r}: use kvstore://host:port, kvstores://host:port or unix:///path")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +95,9 @@ class ClientOptions:
             have the daemon check each shared-memory put against the client's checksum
             (without it, a shared-memory put is one plain copy and the daemon hashes the
             chunk when it first needs the checksum).
+        tls: speak TLS on TCP (also implied by a ``kvstores://`` URL or ``tls_ca``).
+        tls_ca: PEM file of the certificate authority (or self-signed certificate) to trust;
+            None: the system's trust store.
     """
 
     token: str | None = None
@@ -99,6 +108,12 @@ class ClientOptions:
     pool_size: int = 4
     use_shm: bool = True
     verify: bool = False
+    tls: bool = False
+    tls_ca: str | None = None
+
+    def tls_for(self, endpoint: Endpoint) -> bool:
+        """Whether a connection to ``endpoint`` speaks TLS."""
+        return endpoint.kind == "tcp" and (self.tls or endpoint.tls or self.tls_ca is not None)
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
@@ -168,6 +183,7 @@ class RemoteStats:
     shm_pins: int
     leases: int
     store: Mapping[str, int] | None = field(default=None)
+    inflight: Mapping[str, int] | None = field(default=None)
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -189,12 +205,36 @@ def register_header(ns: Namespace | KVSpec, tenant: str | None, chunk_tokens: in
     return {"spec": namespace_to_wire(ns)}, ns
 
 
+@dataclass(frozen=True, slots=True)
+class XPutResult:
+    """An XPUT's answer: per chunk whether the daemon holds it, and its decoding time."""
+
+    stored: list[bool]
+    decode_s: float
+
+
+def xput_header(ns: Namespace, keys: Sequence[bytes], payloads: Sequence[bytes], codecs: Sequence[str],
+                raw_checksums: Sequence[bytes | None] | None, cost: float) -> dict[str, Any]:
+    """The XPUT header: sizes and checksums of ``payloads``, their codecs and raw checksums."""
+    n = len(keys)
+    raw = list(raw_checksums) if raw_checksums is not None else [None] * n
+    if not n or len(payloads) != n or len(codecs) != n or len(raw) != n:
+        raise InvalidInput(f"an XPUT needs as many payloads, codecs and raw checksums as keys (>= 1), got {n} keys")
+    return {"ns": ns.id, "keys": as_keys(keys), "sizes": [len(p) for p in payloads],
+            "checksums": [checksum(np.frombuffer(p, dtype=np.uint8)) for p in payloads],
+            "codecs": list(codecs), "raw_checksums": raw, "cost": float(cost)}
+
+
 def lookup_request(ns: Namespace, tokens: TokenInput | None, keys: Sequence[bytes] | None, lease: bool,
-                   ttl_s: float | None) -> tuple[dict[str, Any], bytes]:
+                   ttl_s: float | None, wait_s: float = 0.0) -> tuple[dict[str, Any], bytes]:
     """LOOKUP header and payload (token ids as u32le, or keys in the header)."""
     header: dict[str, Any] = {"ns": ns.id, "lease": lease}
     if ttl_s is not None:
         header["ttl_s"] = float(ttl_s)
+    if not isinstance(wait_s, (int, float)) or isinstance(wait_s, bool) or not 0 <= wait_s < float("inf"):
+        raise InvalidInput(f"wait_s must be a finite number >= 0, got {wait_s!r}")
+    if wait_s > 0:
+        header["wait_s"] = float(wait_s)
     if (tokens is None) == (keys is None):
         raise InvalidInput("lookup takes tokens or keys (one of them)")
     if keys is not None:
@@ -294,6 +334,15 @@ def registered(ns: Namespace, header: dict[str, Any]) -> Namespace:
     return ns
 
 
+def announce_header(ns: Namespace, keys: Sequence[bytes], ttl_s: float | None) -> dict[str, Any]:
+    """The ANNOUNCE header (``ttl_s`` None: a withdrawal)."""
+    if ttl_s is None:
+        return {"ns": ns.id, "keys": as_keys(keys), "withdraw": True}
+    if not isinstance(ttl_s, (int, float)) or isinstance(ttl_s, bool):
+        raise InvalidInput(f"ttl_s must be a number of seconds, got {ttl_s!r}")  # the daemon checks its range
+    return {"ns": ns.id, "keys": as_keys(keys), "ttl_s": float(ttl_s)}
+
+
 def lookup_hit(header: dict[str, Any]) -> LookupHit:
     return LookupHit(int(header["hit_tokens"]), tuple(ChunkKey(k) for k in header["keys"]),
                      tuple(str(t) for t in header["tiers"]), int(header["query_chunks"]), header.get("lease"))
@@ -304,7 +353,7 @@ def remote_stats(header: dict[str, Any]) -> RemoteStats:
     return RemoteStats(int(s.get("connections", 0)), dict(s.get("requests", {})), dict(s.get("errors", {})),
                        int(s.get("busy", 0)), int(s.get("bytes_in", 0)), int(s.get("bytes_out", 0)),
                        int(s.get("reservations", 0)), int(s.get("shm_pins", 0)), int(header.get("leases", 0)),
-                       header.get("store"))
+                       header.get("store"), header.get("inflight"))
 
 
 def check_capacity(i: int, size: int, out: U8) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ from kvstore.client._frames import (
     unavailable,
 )
 from kvstore.errors import KVStoreError
+from kvstore.service.migration.tls import TLSError, client_context
 from kvstore.service.protocol import (
     PREFIX_BYTES,
     MsgType,
@@ -60,7 +62,7 @@ class SyncConn:
         self._prefix = bytearray(PREFIX_BYTES)
         self.in_exchange = False
         self.closed = False
-        self.sock = _connect(endpoint, opts.timeout_s)
+        self.sock = _connect(endpoint, opts)
         try:
             header, _ = self.call(MsgType.HELLO, hello_header(opts, endpoint.kind == "unix"))
             self.info: ServerInfo = greeted(header, self.sock)
@@ -69,8 +71,10 @@ class SyncConn:
             raise
 
     def call(self, mt: MsgType, header: dict[str, Any], payload: bytes = b"",
-             outs: Sequence[U8] | None = None) -> tuple[dict[str, Any], bytes]:
+             outs: Sequence[U8] | None = None, extra_s: float = 0.0) -> tuple[dict[str, Any], bytes]:
         """Send one request and read its reply (chunks of an OK GET reply go into ``outs``).
+
+        ``extra_s``: seconds the daemon may take beyond the timeout (a LOOKUP that waits).
 
         Raises:
             RemoteUnavailable / RequestTimeout: the connection failed (it is then unusable).
@@ -81,7 +85,15 @@ class SyncConn:
             self.sock.sendall(frame(mt, rid, header, len(payload)) + payload)
         except OSError as exc:
             raise self._broken(exc) from exc
-        return self._reply(rid, outs)
+        if extra_s <= 0:
+            return self._reply(rid, outs)
+        before = self.sock.gettimeout()
+        self.sock.settimeout(None if before is None else before + extra_s)
+        try:
+            return self._reply(rid, outs)
+        finally:
+            if not self.closed:
+                self.sock.settimeout(before)
 
     def call_put(self, header: dict[str, Any], chunks: Sequence[U8]) -> dict[str, Any]:
         """Send a PUT whose checksums trail its payload, hashing each block just before it is sent."""
@@ -201,7 +213,8 @@ def _send_hashed(sock: socket.socket, chunk: U8) -> bytes:
     return h.digest()
 
 
-def _connect(endpoint: Endpoint, timeout_s: float) -> socket.socket:
+def _connect(endpoint: Endpoint, opts: ClientOptions) -> socket.socket:
+    timeout_s = opts.timeout_s
     try:
         if endpoint.kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -214,6 +227,14 @@ def _connect(endpoint: Endpoint, timeout_s: float) -> socket.socket:
         else:
             sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if opts.tls_for(endpoint):
+                try:
+                    sock = client_context(opts.tls_ca).wrap_socket(sock, server_hostname=endpoint.host)
+                except ssl.SSLError as exc:
+                    sock.close()
+                    raise TLSError(f"TLS handshake with {endpoint} failed: {exc}") from exc
+    except TLSError:
+        raise
     except OSError as exc:
         raise unavailable(endpoint, exc) from exc
     return sock

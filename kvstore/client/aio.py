@@ -21,7 +21,7 @@ from typing import Any, Self, TypeVar
 from kvstore.buffers import U8, BufferLike
 from kvstore.client import _frames as F
 from kvstore.client._aio_conn import AsyncConn, AsyncPool
-from kvstore.client._frames import ClientOptions, LookupHit, RemoteStats, ServerInfo
+from kvstore.client._frames import ClientOptions, LookupHit, RemoteStats, ServerInfo, XPutResult
 from kvstore.client._shm import ArenaCache, ShmArena
 from kvstore.errors import InvalidInput
 from kvstore.keys import ChunkKey, Namespace, TokenInput
@@ -35,10 +35,12 @@ class AsyncClient:
     """A pooled, pipelining, retrying asyncio client of one kvstore daemon (see the module docstring)."""
 
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.05, pool_size: int = 4, use_shm: bool = True, verify: bool = False) -> None:
+                 backoff_s: float = 0.05, pool_size: int = 4, use_shm: bool = True, verify: bool = False,
+                 tls: bool = False, tls_ca: str | None = None) -> None:
         self.endpoint = F.parse_url(url)
         self.options = ClientOptions(token=token, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
-                                     pool_size=pool_size, use_shm=use_shm, verify=verify)
+                                     pool_size=pool_size, use_shm=use_shm, verify=verify, tls=tls,
+                                     tls_ca=tls_ca)
         self._pool = AsyncPool(self.endpoint, self.options)
         self._arenas = ArenaCache()
         self._info: ServerInfo | None = None
@@ -46,7 +48,7 @@ class AsyncClient:
     @classmethod
     async def connect(cls, url: str, *, token: str | None = None, timeout_s: float = 30.0, retries: int = 3,
                       backoff_s: float = 0.05, pool_size: int = 4, use_shm: bool = True,
-                      verify: bool = False) -> AsyncClient:
+                      verify: bool = False, tls: bool = False, tls_ca: str | None = None) -> AsyncClient:
         """A client whose first connection is open and greeted (HELLO checked the token).
 
         Raises:
@@ -54,7 +56,7 @@ class AsyncClient:
             Unauthorized: the daemon refused the token.
         """
         client = cls(url, token=token, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
-                     pool_size=pool_size, use_shm=use_shm, verify=verify)
+                     pool_size=pool_size, use_shm=use_shm, verify=verify, tls=tls, tls_ca=tls_ca)
         try:
             await client.ping()
         except BaseException:
@@ -77,14 +79,34 @@ class AsyncClient:
         return await self._retry(call)
 
     async def lookup(self, ns: Namespace, tokens: TokenInput | None = None, *, keys: Sequence[bytes] | None = None,
-                     lease: bool = True, ttl_s: float | None = None) -> LookupHit:
-        """The longest cached prefix of ``tokens`` (or of engine-provided ``keys``), its hits leased."""
-        header, payload = F.lookup_request(ns, tokens, keys, lease, ttl_s)
+                     lease: bool = True, ttl_s: float | None = None, wait_s: float = 0.0) -> LookupHit:
+        """The longest cached prefix of ``tokens`` (or of engine-provided ``keys``), its hits leased.
+
+        ``wait_s`` > 0: where the hit stops at chunks announced as on their way (:meth:`announce`),
+        wait up to ``wait_s`` (bounded by the daemon) for them; a wait that runs out returns the
+        shorter hit.
+        """
+        header, payload = F.lookup_request(ns, tokens, keys, lease, ttl_s, wait_s)
 
         async def call(c: AsyncConn) -> LookupHit:
-            return F.lookup_hit((await c.call(MsgType.LOOKUP, header, payload))[0])
+            return F.lookup_hit((await c.call(MsgType.LOOKUP, header, payload, extra_s=wait_s))[0])
 
         return await self._retry(call)
+
+    async def announce(self, ns: Namespace, keys: Sequence[bytes], ttl_s: float) -> int:
+        """Tell the daemon these chunks are on their way (stored within ``ttl_s``); how many it now expects.
+
+        A lookup with ``wait_s`` waits for them. Chunks the namespace already holds are not expected.
+
+        Raises:
+            InvalidInput: ``ttl_s`` outside the daemon's bounds, too many keys; ServerBusy: the daemon
+                expects as many chunks as it may.
+        """
+        return int((await self._call(MsgType.ANNOUNCE, F.announce_header(ns, keys, ttl_s)))["announced"])
+
+    async def withdraw(self, ns: Namespace, keys: Sequence[bytes]) -> int:
+        """Take back an announcement (the chunks will not come); how many were still expected."""
+        return int((await self._call(MsgType.ANNOUNCE, F.announce_header(ns, keys, None)))["withdrawn"])
 
     async def put(self, ns: Namespace, key: bytes, data: BufferLike, *, cost: float = 1.0) -> bool:
         """Store one chunk; True if the daemon holds it (False: its CPU tier had no room)."""
@@ -214,6 +236,29 @@ class AsyncClient:
     async def clear(self, ns: Namespace) -> int:
         """Remove every chunk of this namespace; how many were removed."""
         return int((await self._call(MsgType.CLEAR, {"ns": ns.id}))["removed"])
+
+    async def have(self, ns: Namespace, keys: Sequence[bytes]) -> list[bool]:
+        """Which of ``keys`` the daemon holds under this namespace (in any tier)."""
+        header = {"ns": ns.id, "keys": F.as_keys(keys)}
+        return [bool(p) for p in (await self._call(MsgType.HAVE, header))["present"]]
+
+    async def xput(self, ns: Namespace, keys: Sequence[bytes], payloads: Sequence[bytes], codecs: Sequence[str],
+                   raw_checksums: Sequence[bytes | None] | None = None, *, cost: float = 1.0) -> XPutResult:
+        """Store chunks sent raw or as codec containers (``codecs[i]``; "raw" for raw bytes).
+
+        The daemon checks each payload against its checksum (computed here), decodes containers,
+        checks the decoded KV against the namespace's spec and ``raw_checksums[i]`` where given,
+        and stores all of them or none. Not retried: a transfer resumes with HAVE instead.
+
+        Raises:
+            ChunkCorrupt: a payload or decoded chunk failed its checksum (nothing stored; resend).
+            InvalidInput: another spec than the namespace's, or a malformed request.
+        """
+        header = F.xput_header(ns, keys, payloads, codecs, raw_checksums, cost)
+        conn = await self._pool.connection()
+        self._info = conn.info
+        reply, _ = await conn.call(MsgType.XPUT, header, b"".join(payloads))
+        return F.XPutResult([bool(s) for s in reply["stored"]], float(reply.get("decode_s", 0.0)))
 
     async def stats(self) -> RemoteStats:
         return F.remote_stats(await self._call(MsgType.STATS, {}))

@@ -35,17 +35,20 @@ class Client:
     """A thread-safe, pooled, retrying client of one kvstore daemon (see the module docstring)."""
 
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.05, pool_size: int = 4, use_shm: bool = True, verify: bool = False) -> None:
+                 backoff_s: float = 0.05, pool_size: int = 4, use_shm: bool = True, verify: bool = False,
+                 tls: bool = False, tls_ca: str | None = None) -> None:
         self.endpoint = F.parse_url(url)
         self.options = ClientOptions(token=token, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
-                                     pool_size=pool_size, use_shm=use_shm, verify=verify)
+                                     pool_size=pool_size, use_shm=use_shm, verify=verify, tls=tls,
+                                     tls_ca=tls_ca)
         self._pool = SyncPool(self.endpoint, self.options)
         self._arenas = ArenaCache()
         self._info: ServerInfo | None = None
 
     @classmethod
     def connect(cls, url: str, *, token: str | None = None, timeout_s: float = 30.0, retries: int = 3,
-                backoff_s: float = 0.05, pool_size: int = 4, use_shm: bool = True, verify: bool = False) -> Client:
+                backoff_s: float = 0.05, pool_size: int = 4, use_shm: bool = True, verify: bool = False,
+                tls: bool = False, tls_ca: str | None = None) -> Client:
         """A client whose first connection is open and greeted (HELLO checked the token).
 
         Raises:
@@ -53,7 +56,7 @@ class Client:
             Unauthorized: the daemon refused the token.
         """
         client = cls(url, token=token, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
-                     pool_size=pool_size, use_shm=use_shm, verify=verify)
+                     pool_size=pool_size, use_shm=use_shm, verify=verify, tls=tls, tls_ca=tls_ca)
         try:
             client.ping()
         except BaseException:
@@ -79,10 +82,32 @@ class Client:
         return self._retry(call)
 
     def lookup(self, ns: Namespace, tokens: TokenInput | None = None, *, keys: Sequence[bytes] | None = None,
-               lease: bool = True, ttl_s: float | None = None) -> LookupHit:
-        """The longest cached prefix of ``tokens`` (or of engine-provided ``keys``), its hits leased."""
-        header, payload = F.lookup_request(ns, tokens, keys, lease, ttl_s)
-        return self._retry(lambda c: F.lookup_hit(c.call(MsgType.LOOKUP, header, payload)[0]))
+               lease: bool = True, ttl_s: float | None = None, wait_s: float = 0.0) -> LookupHit:
+        """The longest cached prefix of ``tokens`` (or of engine-provided ``keys``), its hits leased.
+
+        ``wait_s`` > 0: where the hit stops at chunks announced as on their way (:meth:`announce`),
+        wait up to ``wait_s`` (bounded by the daemon) for them; a wait that runs out returns the
+        shorter hit.
+        """
+        header, payload = F.lookup_request(ns, tokens, keys, lease, ttl_s, wait_s)
+        return self._retry(lambda c: F.lookup_hit(c.call(MsgType.LOOKUP, header, payload, extra_s=wait_s)[0]))
+
+    def announce(self, ns: Namespace, keys: Sequence[bytes], ttl_s: float) -> int:
+        """Tell the daemon these chunks are on their way (stored within ``ttl_s``); how many it now expects.
+
+        A lookup with ``wait_s`` waits for them. Chunks the namespace already holds are not expected.
+
+        Raises:
+            InvalidInput: ``ttl_s`` outside the daemon's bounds, too many keys; ServerBusy: the daemon
+                expects as many chunks as it may.
+        """
+        header = F.announce_header(ns, keys, ttl_s)
+        return self._retry(lambda c: int(c.call(MsgType.ANNOUNCE, header)[0]["announced"]))
+
+    def withdraw(self, ns: Namespace, keys: Sequence[bytes]) -> int:
+        """Take back an announcement (the chunks will not come); how many were still expected."""
+        header = F.announce_header(ns, keys, None)
+        return self._retry(lambda c: int(c.call(MsgType.ANNOUNCE, header)[0]["withdrawn"]))
 
     # -- puts ---------------------------------------------------------------------------
     def put(self, ns: Namespace, key: bytes, data: BufferLike, *, cost: float = 1.0) -> bool:

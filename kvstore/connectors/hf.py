@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
     from kvstore.client import Client
     from kvstore.connectors.hf_blend import BlendedGeneration, PassageBlender
+    from kvstore.connectors.hf_handoff import HandoffResult
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ class HFConnectorConfig:
         lease_ttl_s: lifetime of a lookup's lease; None for the store's default.
         compute_dtype: dtype of the ``DynamicCache`` handed to the model (the
             model's compute dtype; float32 on CPU).
+        lookup_wait_s: a hand-off's decode side: a lookup waits up to this long for
+            chunks a prefill side announced as on their way (through a daemon; 0: never
+            waits). See :mod:`kvstore.connectors.hf_handoff` and docs/migration.md.
     """
 
     store_decode: bool = True
@@ -72,6 +76,7 @@ class HFConnectorConfig:
     queue_timeout_s: float = 5.0
     lease_ttl_s: float | None = None
     compute_dtype: torch.dtype = torch.float32
+    lookup_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.queue_depth < 1:
@@ -80,6 +85,8 @@ class HFConnectorConfig:
             raise InvalidInput(f"queue_timeout_s must be >= 0, got {self.queue_timeout_s}")
         if self.lease_ttl_s is not None and self.lease_ttl_s <= 0:
             raise InvalidInput(f"lease_ttl_s must be > 0, got {self.lease_ttl_s}")
+        if not 0 <= self.lookup_wait_s < float("inf"):
+            raise InvalidInput(f"lookup_wait_s must be a finite number >= 0, got {self.lookup_wait_s}")
         if not self.compute_dtype.is_floating_point:
             raise InvalidInput(f"compute_dtype must be a float dtype, got {self.compute_dtype}")
 
@@ -304,6 +311,30 @@ class HFConnector:
         return self.blender(config).generate(passages, question, max_new_tokens, head=head,
                                              eos_token_ids=eos_token_ids)
 
+    # -- prefill/decode hand-off (kvstore.connectors.hf_handoff) ------------------------------
+    def prefill_and_push(self, ids: TokenInput, target: Client, *, ttl_s: float = 60.0) -> HandoffResult:
+        """Prefill ``ids`` chunk by chunk, pushing each full chunk's KV to ``target`` (the decode side's
+        daemon) as soon as it is computed; see :class:`kvstore.connectors.hf_handoff.PrefillPusher`."""
+        from kvstore.connectors.hf_handoff import PrefillPusher
+
+        return PrefillPusher(self, target, ttl_s=ttl_s).prefill(ids)
+
+    def checked_tokens(self, ids: TokenInput, extra: int = 0) -> npt.NDArray[np.uint32]:
+        """``ids`` as token ids, checked against the model (positions for ``extra`` more, vocabulary).
+
+        Raises:
+            InvalidInput: empty or bad ids, or more than the model's positions.
+        """
+        return self._tokens(ids, extra)
+
+    def forward(self, tokens: npt.NDArray[np.uint32], cache: DynamicCache) -> torch.Tensor:
+        """Run ``tokens`` after what ``cache`` holds (extending it); the last position's logits."""
+        return self._forward(tokens, cache)
+
+    def store_chunks(self, keys: list[ChunkKey], start: int, end: int, cache: DynamicCache) -> None:
+        """Queue chunks ``[start, end)`` of ``cache`` for storing (in the background) under ``keys[start:end]``."""
+        self._store(keys, start, end, cache)
+
     # -- lifecycle -------------------------------------------------------------------------
     def flush(self) -> None:
         """Wait until every queued chunk is stored (and, in-process, written to the lower tiers)."""
@@ -344,8 +375,12 @@ class HFConnector:
         """The leading chunks of ``keys`` the backend holds, read under a lease; [] on any backend error."""
         if not keys:
             return [], ()
+        wait_s, ttl_s = self.config.lookup_wait_s, self.config.lease_ttl_s
         try:
-            hit = self.backend.lookup(self.ns, keys, self.config.lease_ttl_s)
+            if wait_s > 0:
+                hit = self.backend.lookup_waiting(self.ns, keys, ttl_s, wait_s)
+            else:
+                hit = self.backend.lookup(self.ns, keys, ttl_s)
         except (KVStoreError, OSError) as exc:
             log.warning("kvstore lookup failed, computing the whole prompt: %s", exc)
             self._count(errors=1)

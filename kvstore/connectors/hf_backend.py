@@ -65,6 +65,12 @@ class HFBackend(ABC):
     def lookup(self, ns: Namespace, keys: Sequence[ChunkKey], ttl_s: float | None) -> PrefixHit:
         """How many of ``keys``, from the first, are stored; pins them under a lease."""
 
+    def lookup_waiting(self, ns: Namespace, keys: Sequence[ChunkKey], ttl_s: float | None,
+                       wait_s: float) -> PrefixHit:
+        """:meth:`lookup`, waiting up to ``wait_s`` for chunks announced as on their way (a hand-off's
+        decode side); a backend without announcements looks up at once."""
+        return self.lookup(ns, keys, ttl_s)
+
     @abstractmethod
     def get_many(
         self, ns: Namespace, keys: Sequence[ChunkKey], outs: Sequence[BufferLike], lease: int | None
@@ -156,7 +162,13 @@ class ClientBackend(HFBackend):
     def lookup(self, ns: Namespace, keys: Sequence[ChunkKey], ttl_s: float | None) -> PrefixHit:
         if not keys:
             return PrefixHit((), (), None)
-        hit = self.client.lookup(ns, keys=keys, lease=True, ttl_s=ttl_s)
+        return self.lookup_waiting(ns, keys, ttl_s, 0.0)
+
+    def lookup_waiting(self, ns: Namespace, keys: Sequence[ChunkKey], ttl_s: float | None,
+                       wait_s: float) -> PrefixHit:
+        if not keys:
+            return PrefixHit((), (), None)
+        hit = self.client.lookup(ns, keys=keys, lease=True, ttl_s=ttl_s, wait_s=wait_s)
         return PrefixHit(hit.keys, hit.tiers, hit.lease)
 
     def get_many(

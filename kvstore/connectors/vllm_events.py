@@ -34,7 +34,7 @@ from typing import Any, TypeAlias
 
 import msgpack
 
-from kvstore.events import EventQueue, StoreEvent
+from kvstore.events import EventQueue, EventSink, StoreEvent
 from kvstore.keys import NamespaceId
 
 ExternalBlockHash: TypeAlias = bytes | int
@@ -287,6 +287,7 @@ class EventFanout:
 
     def __init__(self) -> None:
         self._queues: list[EventQueue] = []
+        self._sinks: list[EventSink] = []
         self._lock = threading.Lock()
 
     def subscribe(self, maxlen: int = 65536) -> EventQueue:
@@ -299,6 +300,17 @@ class EventFanout:
         with self._lock:
             self._queues = [q for q in self._queues if q is not queue]
 
+    def attach(self, sink: EventSink) -> None:
+        """Also copy every event into ``sink`` (a consumer that reacts at once, not a queue)."""
+        with self._lock:
+            self._sinks = [*self._sinks, sink]
+
+    def detach(self, sink: EventSink) -> None:
+        with self._lock:
+            self._sinks = [s for s in self._sinks if s is not sink]
+
     def emit(self, event: StoreEvent) -> None:
         for queue in self._queues:
             queue.emit(event)
+        for sink in self._sinks:
+            sink.emit(event)

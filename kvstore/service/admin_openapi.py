@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, get_args
 
+from kvstore import keys
 from kvstore.keys import MAX_CHUNK_TOKENS
 from kvstore.service.admin_io import MAX_KEYS
+from kvstore.service.migration import transfer_routes
 from kvstore.spec import DType, Layout
 
 JSON = dict[str, Any]
@@ -148,9 +150,7 @@ def _distinct(raw_tiers: Sequence[str]) -> JSON:
 
 def scheme_names() -> list[str]:
     """The hash schemes a namespace may name (kvstore.keys)."""
-    from kvstore.keys import _SCHEMES  # the registry; names only
-
-    return sorted(_SCHEMES)
+    return keys.scheme_names()
 
 
 def _result_schemas() -> JSON:
@@ -259,9 +259,11 @@ def openapi_document(tiers: Sequence[str] = (), raw_tiers: Sequence[str] = ()) -
             "version": "1",
             "description": "Admin API of the kvstore daemon; see docs/daemon.md.",
         },
-        "paths": {**_system_paths(), **_v1_paths(), **_chunk_paths()},
+        "paths": {**_system_paths(), **_v1_paths(), **_chunk_paths(),
+                  **transfer_routes.openapi_paths(_op, _json, _ref)},
         "components": {
-            "schemas": {**_request_schemas(tiers, raw_tiers), **_result_schemas()},
+            "schemas": {**_request_schemas(tiers, raw_tiers), **_result_schemas(),
+                        **transfer_routes.openapi_schemas(_HEX, MAX_KEYS)},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],

@@ -25,9 +25,11 @@ from kvstore.service.admin_io import (
 )
 from kvstore.service.admin_metrics import Snapshot
 from kvstore.service.admin_state import CONFIG, HISTORY, METRICS, STATE, STORE, snapshot
+from kvstore.service.migration import transfer_routes
 from kvstore.tiers.store import TieredStore
 
 routes = web.RouteTableDef()
+transfer_routes.add_routes(routes)
 
 
 def require_admin(request: web.Request) -> None:

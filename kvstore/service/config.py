@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from kvstore.builder import TiersConfig
 from kvstore.errors import InvalidInput
+from kvstore.service.migration.peers_config import PeerConfig
 from kvstore.service.net import is_loopback
 from kvstore.tiers.store_types import StoreConfig
 
@@ -58,6 +59,15 @@ class DataPlaneSettings:
             beyond it requests wait (backpressure).
         shm: offer same-host clients zero-copy access to the CPU tier through /dev/shm.
         drain_timeout_s: on SIGTERM, how long in-flight requests may take to finish.
+        tls_cert, tls_key: PEM certificate chain and key; both set, the TCP listener speaks
+            TLS only (the unix socket stays plain). See docs/migration.md.
+        transfer_tls_ca: the CA file this daemon trusts when it connects to a peer with TLS
+            for a transfer (None: the system's trust store).
+        peer_*: peer sharing through a Redis index (off unless ``peer_index_url`` is set);
+            see ``kvstore.service.migration.peers_config.PeerConfig`` and docs/peers.md.
+        handoff_max_keys, handoff_max_ttl_s, handoff_max_wait_s: bounds of the chunks
+            announced as in flight (ANNOUNCE): keys held at once, an announcement's
+            life, a LOOKUP's wait for them (docs/migration.md, section 9).
     """
 
     enabled: bool = True
@@ -68,16 +78,42 @@ class DataPlaneSettings:
     max_inflight_bytes: int = 2 << 30
     shm: bool = True
     drain_timeout_s: float = 10.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    transfer_tls_ca: str | None = None
+    peer_index_url: str | None = None
+    peer_cluster: bool = False
+    peer_index_prefix: str = "kvstore:peers"
+    peer_advertise: str | None = None
+    peer_token: str | None = field(default=None, repr=False)
+    peer_id: str | None = None
+    peer_timeout_s: float = 2.0
+    peer_ttl_s: float = 15.0
+    peer_max_chunks: int = 512
+    handoff_max_keys: int = 1 << 20
+    handoff_max_ttl_s: float = 600.0
+    handoff_max_wait_s: float = 60.0
+
+    @property
+    def peers(self) -> PeerConfig | None:
+        """Peer sharing's settings, or None when it is off."""
+        return PeerConfig.from_settings(self)
 
     def __post_init__(self) -> None:
+        PeerConfig.from_settings(self)  # validates the peer_* fields
         _port("data_plane.port", self.port)
         _positive("data_plane.max_payload_bytes", self.max_payload_bytes)
         if self.max_inflight_bytes < self.max_payload_bytes:
             raise ValueError("data_plane.max_inflight_bytes must be >= data_plane.max_payload_bytes")
         if self.drain_timeout_s < 0:
             raise ValueError("data_plane.drain_timeout_s must be >= 0")
+        _positive("data_plane.handoff_max_keys", self.handoff_max_keys)
+        _positive("data_plane.handoff_max_ttl_s", self.handoff_max_ttl_s)
+        _positive("data_plane.handoff_max_wait_s", self.handoff_max_wait_s)
         if not self.host:
             raise ValueError("data_plane.host must not be empty")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("data_plane.tls_cert and data_plane.tls_key go together: set both or neither")
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +270,10 @@ class DaemonConfig:
         tiers = out["tiers"]
         if tiers.get("redis_url"):
             tiers["redis_url"] = redact_url(str(tiers["redis_url"]))
+        dp = out["data_plane"]
+        dp["peer_token"] = "***" if dp.get("peer_token") else None
+        if dp.get("peer_index_url"):
+            dp["peer_index_url"] = redact_url(str(dp["peer_index_url"]))
         tenants = sorted({t for _, t in self.auth.tokens})
         auth: dict[str, object] = {"enabled": self.auth.enabled, "tokens_file": self.auth.tokens_file}
         if tenant == ALL_TENANTS:

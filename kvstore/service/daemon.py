@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -51,6 +52,11 @@ from kvstore.service.admin_state import (
     snapshot,
 )
 from kvstore.service.config import DaemonConfig, LoggingConfig
+from kvstore.service.migration.inflight import Inflight, InflightLimits
+from kvstore.service.migration.transfer_registry import transfers_ctx_for
+
+if TYPE_CHECKING:
+    from kvstore.service.migration.peers import PeerService
 
 log = logging.getLogger("kvstore.daemon")
 
@@ -132,7 +138,8 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-def _make_dataplane(app: web.Application) -> DataPlane:
+def _make_dataplane(app: web.Application, peers: PeerService | None = None,
+                    inflight: Inflight | None = None) -> DataPlane:
     """The data-plane server for this app's store and config (imported only when enabled)."""
     from kvstore.service.dataplane import DataPlaneConfig, make_dataplane
 
@@ -146,8 +153,34 @@ def _make_dataplane(app: web.Application) -> DataPlane:
         max_payload_bytes=dp.max_payload_bytes,
         max_inflight_bytes=dp.max_inflight_bytes,
         shm=dp.shm,
+        tls_cert=dp.tls_cert,
+        tls_key=dp.tls_key,
     )
-    return make_dataplane(app[STORE], settings, metrics=app[METRICS].requests)
+    return make_dataplane(app[STORE], settings, metrics=app[METRICS].requests, peers=peers, inflight=inflight)
+
+
+def _make_inflight(app: web.Application) -> Inflight:
+    """The daemon's one registry of announced chunks (ANNOUNCE), fed by its store's events."""
+    dp = app[CONFIG].data_plane
+    inflight = Inflight(InflightLimits(dp.handoff_max_keys, dp.handoff_max_ttl_s, dp.handoff_max_wait_s))
+    app[EVENTS].attach(inflight)
+    return inflight
+
+
+def _make_peers(app: web.Application) -> PeerService | None:
+    """Peer sharing's service when configured (docs/peers.md); its metrics join the registry."""
+    config = app[CONFIG]
+    peer_config = config.data_plane.peers
+    if peer_config is None:
+        return None
+    from kvstore.service.migration.peers import PeerCollector, PeerService
+
+    own: dict[str, str] = {}
+    for token, tenant in config.auth.data_plane_tokens().items():
+        own.setdefault(tenant, token)  # a tenant's own token is presented to peers for it
+    service = PeerService(app[STORE], app[EVENTS], peer_config, own)
+    app[METRICS].registry.register(PeerCollector(service))
+    return service
 
 
 async def dataplane_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -156,14 +189,28 @@ async def dataplane_ctx(app: web.Application) -> AsyncIterator[None]:
     if not config.enabled:
         yield
         return
-    server = _make_dataplane(app)
-    await server.start()
+    peers = _make_peers(app)
+    inflight = _make_inflight(app)
+    server = _make_dataplane(app, peers, inflight)
+    try:
+        await server.start()
+    except BaseException:
+        app[EVENTS].detach(inflight)
+        if peers is not None:
+            await peers.close()
+        raise
     app[STATE].data_plane = server
     event("data plane listening", host=config.host, port=server.port, unix_path=server.unix_path)
+    if peers is not None:
+        await peers.start(config.host, int(server.port or 0))
+        event("peer sharing on", peer_id=peers.peer_id, address=peers.address)
     yield
     app[STATE].data_plane = None
     started = time.monotonic()
     await server.close(drain_timeout_s=config.drain_timeout_s)
+    app[EVENTS].detach(inflight)
+    if peers is not None:
+        await peers.close()
     event("data plane closed", drain_s=round(time.monotonic() - started, 3))
 
 
@@ -182,6 +229,7 @@ def build_app(config: DaemonConfig) -> web.Application:
     app = make_admin_app(config)
     app[STATE] = DaemonState()
     app.cleanup_ctx.extend([store_ctx, metrics_ctx, dataplane_ctx, history_ctx])
+    app.cleanup_ctx.append(transfers_ctx_for(config.data_plane.transfer_tls_ca))
     return app
 
 

@@ -24,12 +24,18 @@ import contextlib
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 from kvstore.service.dataplane_conn import Connection
 from kvstore.service.dataplane_core import DataPlaneConfig, ServerCore
 from kvstore.service.dataplane_stats import DataPlaneObserver, DataPlaneStats
 from kvstore.service.dataplane_store import StoreAccess
+from kvstore.service.migration.tls import server_context
 from kvstore.tiers.store import TieredStore
+
+if TYPE_CHECKING:
+    from kvstore.service.migration.inflight import Inflight
+    from kvstore.service.migration.peers import PeerService
 
 __all__ = ["DataPlaneConfig", "DataPlaneObserver", "DataPlaneServer", "DataPlaneStats", "make_dataplane"]
 
@@ -47,10 +53,13 @@ class DataPlaneServer:
     """
 
     def __init__(
-        self, store: TieredStore, config: DataPlaneConfig, metrics: DataPlaneObserver | None = None
+        self, store: TieredStore, config: DataPlaneConfig, metrics: DataPlaneObserver | None = None,
+        peers: PeerService | None = None, inflight: Inflight | None = None,
     ) -> None:
         self.config = config
         self._core = ServerCore(StoreAccess(store), config, metrics)
+        self._core.peers = peers
+        self._core.inflight = inflight
         self._servers: list[asyncio.AbstractServer] = []
         self._port = 0
         self._ticker: asyncio.Task[None] | None = None
@@ -76,8 +85,11 @@ class DataPlaneServer:
         """
         loop = asyncio.get_running_loop()
         core = self._core
+        tls = None
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            tls = server_context(self.config.tls_cert, self.config.tls_key)
         tcp = await loop.create_server(
-            lambda: Connection(core, unix=False), self.config.host, self.config.port
+            lambda: Connection(core, unix=False), self.config.host, self.config.port, ssl=tls
         )
         self._servers.append(tcp)
         self._port = int(tcp.sockets[0].getsockname()[1])
@@ -138,7 +150,9 @@ class DataPlaneServer:
 
 
 def make_dataplane(
-    store: TieredStore, config: DataPlaneConfig, metrics: DataPlaneObserver | None = None
+    store: TieredStore, config: DataPlaneConfig, metrics: DataPlaneObserver | None = None,
+    peers: PeerService | None = None, inflight: Inflight | None = None,
 ) -> DataPlaneServer:
-    """A data-plane server over ``store``; call ``await server.start()`` to serve."""
-    return DataPlaneServer(store, config, metrics)
+    """A data-plane server over ``store`` (``peers``: lookups that miss ask peers; ``inflight``: announced
+    chunks, fed by the store's events, that lookups may wait for); then ``await server.start()``."""
+    return DataPlaneServer(store, config, metrics, peers, inflight)

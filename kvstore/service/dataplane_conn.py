@@ -27,12 +27,16 @@ from kvstore.service.dataplane_put import (
     PendingPut,
     begin_put,
     finish_put,
+    have,
+    parse_xput,
     shm_commit,
     shm_reserve,
     shm_written,
+    xput,
 )
 from kvstore.service.dataplane_reader import BytesSink, FrameReader, Sink
 from kvstore.service.dataplane_sender import Sender
+from kvstore.service.migration.tls import TransportSender, is_tls
 from kvstore.service.dataplane_session import Budget
 from kvstore.service.protocol import (
     REQUEST_TYPES,
@@ -58,6 +62,8 @@ ALL_HANDLERS = {
     MsgType.SHM_RESERVE: shm_reserve,
     MsgType.SHM_COMMIT: shm_commit,
     MsgType.SHM_WRITTEN: shm_written,
+    MsgType.HAVE: have,
+    MsgType.XPUT: xput,
 }
 MAX_QUEUED_REPLIES = 1024  # stop reading requests while this many replies wait to be sent
 MAX_LOOKUP_PAYLOAD = 64 << 20  # token ids of one lookup (16M tokens)
@@ -74,7 +80,7 @@ class Connection(asyncio.BufferedProtocol):
         self.closed = False
         self._broken = False  # a frame could not be resynchronised: nothing more is read
         self._transport: asyncio.Transport | None = None
-        self._sender: Sender | None = None
+        self._sender: Sender | TransportSender | None = None
         self._ctx: Ctx | None = None
         self._put: PendingPut | None = None
         self._payload_for: tuple[MsgType, int, dict[str, Any], float] | None = None
@@ -89,7 +95,11 @@ class Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         peer_uid = _peer_uid(sock) if self.unix else None
         loop = asyncio.get_running_loop()
-        self._sender = Sender(loop, sock.fileno(), self._send_failed, self._count_out)
+        self._sender = (
+            TransportSender(transport, self._count_out)
+            if is_tls(transport)
+            else Sender(loop, sock.fileno(), self._send_failed, self._count_out)
+        )
         self._ctx = Ctx(
             self.core,
             self.core.new_session(),
@@ -152,9 +162,11 @@ class Connection(asyncio.BufferedProtocol):
             self._payload_for = (mt, prefix.request_id, header, t0)
             return self._put.sink
         if prefix.payload_len:
-            if mt is not MsgType.LOOKUP:
+            if mt is MsgType.XPUT:
+                parse_xput(self._ctx, header, prefix.payload_len)  # refuse a bad header before its payload
+            elif mt is not MsgType.LOOKUP:
                 raise InvalidInput(f"{mt.name} takes no payload")
-            if prefix.payload_len > MAX_LOOKUP_PAYLOAD:
+            elif prefix.payload_len > MAX_LOOKUP_PAYLOAD:
                 raise PayloadTooLarge(f"a LOOKUP payload is at most {MAX_LOOKUP_PAYLOAD} bytes")
             self._ctx.budget.take(prefix.payload_len)
             self._payload_for = (mt, prefix.request_id, header, t0)

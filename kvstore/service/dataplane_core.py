@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvstore.errors import InvalidInput
 from kvstore.service.dataplane_sender import OnSent
@@ -24,6 +24,10 @@ from kvstore.service.dataplane_stats import DataPlaneObserver, StatsRecorder
 from kvstore.service.dataplane_store import StoreAccess
 from kvstore.service.net import is_loopback
 from kvstore.service.protocol import MsgType
+
+if TYPE_CHECKING:
+    from kvstore.service.migration.inflight import Inflight
+    from kvstore.service.migration.peers import PeerService
 
 T = TypeVar("T")
 
@@ -48,6 +52,8 @@ class DataPlaneConfig:
         reservation_ttl_s: shared-memory reservations not committed within this are aborted.
         max_pins_per_connection: chunks one connection may hold pinned for shared-memory reads.
         workers: threads for operations that may block on a lower tier (disk, remote).
+        tls_cert, tls_key: PEM certificate chain and private key; both set, the TCP
+            listener speaks TLS only (the Unix socket stays plain).
     """
 
     host: str = "127.0.0.1"
@@ -61,8 +67,12 @@ class DataPlaneConfig:
     reservation_ttl_s: float = 60.0
     max_pins_per_connection: int = 65536
     workers: int = 4
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInput("tls_cert and tls_key go together: set both or neither")
         if not 0 <= self.port <= 65535:
             raise InvalidInput(f"port must be in [0, 65535], got {self.port}")
         if not self.tokens and not is_loopback(self.host):
@@ -113,6 +123,8 @@ class ServerCore:
         self.uid = os.getuid()
         self.draining = False
         self.connections: set[Any] = set()  # the open Connection objects
+        self.peers: PeerService | None = None  # peer sharing: a LOOKUP's local miss asks peers
+        self.inflight: Inflight | None = None  # announced chunks (ANNOUNCE; a LOOKUP's wait_s)
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="kvstore-dataplane")
 
     def new_session(self) -> Session:

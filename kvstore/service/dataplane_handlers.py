@@ -10,6 +10,7 @@ is namespace-checked (``StoreAccess``): another tenant's chunk is a miss.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from kvstore.errors import InvalidInput, LeaseError
-from kvstore.keys import ChunkKey, Namespace
+from kvstore.keys import ChunkKey, Namespace, iter_prefix_keys
 from kvstore.service.dataplane_core import Reply, Result, ServerCore
 from kvstore.service.dataplane_session import Budget, Session
+from kvstore.service.migration import handoff
 from kvstore.service.protocol import (
     VERSION,
     Forbidden,
@@ -137,15 +139,45 @@ def lookup(ctx: Ctx, h: dict[str, Any], payload: bytes | None) -> Result:
             raise InvalidInput("a LOOKUP payload holds u32 little-endian token ids")
         tokens = np.frombuffer(payload, dtype="<u4")
 
-        def run() -> Reply:
-            return _lookup_reply(ctx, ns, store.lookup(ns, tokens, lease, ttl), ttl)
+        def local() -> LookupResult:
+            return store.lookup(ns, tokens, lease, ttl)
+
+        def asked() -> list[ChunkKey]:
+            return list(iter_prefix_keys(ns, tokens))
     else:
         keys = [ChunkKey(k) for k in field_keys(h)]
 
-        def run() -> Reply:
-            return _lookup_reply(ctx, ns, store.lookup_keys(ns, keys, lease, ttl), ttl)
+        def local() -> LookupResult:
+            return store.lookup_keys(ns, keys, lease, ttl)
+
+        def asked() -> list[ChunkKey]:
+            return keys
+
+    wait_s = field_float(h, "wait_s") or 0.0
+    if ctx.core.peers is not None or (wait_s > 0 and ctx.core.inflight is not None):
+        return _lookup_further(ctx, ns, local, asked, ttl, wait_s)
+
+    def run() -> Reply:
+        return _lookup_reply(ctx, ns, local(), ttl)
 
     return ctx.core.offload(run) if ctx.core.access.remote else run()
+
+
+async def _lookup_further(ctx: Ctx, ns: Namespace, local: Callable[[], LookupResult],
+                          asked: Callable[[], list[ChunkKey]], ttl: float | None, wait_s: float) -> Reply:
+    """A LOOKUP whose local miss asks peers (kvstore.service.migration.peers): chunks they hold
+    after the local hit are pulled and stored here, and the lookup runs again over them; then,
+    with ``wait_s``, waits for announced chunks after the hit (kvstore.service.migration.handoff)."""
+    peers, offload = ctx.core.peers, ctx.core.offload
+    r = await offload(local)
+    if peers is not None and r.hit_chunks < r.query_chunks:
+        keys = await offload(asked)
+        if (await peers.pull(ns, keys[r.hit_chunks :])).pulled:
+            if r.lease is not None:
+                ctx.core.access.store.release(r.lease)
+            r = await offload(local)
+    r = await handoff.wait_for_announced(ctx, ns, local, asked, r, wait_s)
+    return _lookup_reply(ctx, ns, r, ttl)
 
 
 def _lookup_reply(ctx: Ctx, ns: Namespace, r: LookupResult, ttl: float | None) -> Reply:
@@ -331,6 +363,10 @@ def stats(ctx: Ctx, h: dict[str, Any], payload: bytes | None) -> Result:
             "leases_active": s.leases.active, "gets": s.gets, "get_hits": s.get_hits, "lookups": s.lookups,
             "namespaces": s.namespaces, "index_entries": s.index_entries,
         }  # fmt: skip
+        if ctx.core.peers is not None:
+            wire["peers"] = ctx.core.peers.stats().to_wire()
+        if ctx.core.inflight is not None:
+            wire["inflight"] = dataclasses.asdict(ctx.core.inflight.stats())
     return Reply(wire)
 
 
@@ -361,5 +397,5 @@ HANDLERS: dict[MsgType, Handler] = {
     MsgType.HELLO: hello, MsgType.REGISTER: register, MsgType.LOOKUP: lookup, MsgType.GET: get,
     MsgType.DELETE: delete, MsgType.PREFETCH: prefetch, MsgType.RELEASE: release, MsgType.SHM_GET: shm_get,
     MsgType.SHM_RELEASE: shm_release, MsgType.STATS: stats, MsgType.PING: ping, MsgType.LIST: list_keys,
-    MsgType.CLEAR: clear,
+    MsgType.CLEAR: clear, MsgType.ANNOUNCE: handoff.announce,
 }  # fmt: skip

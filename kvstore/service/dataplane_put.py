@@ -23,6 +23,7 @@ import numpy as np
 import xxhash
 
 from kvstore.checksum import checksum
+from kvstore.codecs.container import unpack
 from kvstore.errors import ChunkCorrupt, ChunkTooLarge, InvalidInput, LeaseError
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.service.dataplane_core import Reply, Result
@@ -32,6 +33,7 @@ from kvstore.service.dataplane_session import Reservation, Slot
 from kvstore.service.dataplane_store import StoreAccess
 from kvstore.service.protocol import (
     CHECKSUM_BYTES,
+    MAX_CODEC_NAME,
     Forbidden,
     PayloadTooLarge,
     ServerBusy,
@@ -287,3 +289,108 @@ def shm_commit(ctx: Ctx, h: dict[str, Any], payload: bytes | None) -> Result:
         return Reply({"stored": _commit(ctx, res, digests, cost)})
 
     return ctx.core.offload(run) if ctx.core.access.layered else run()
+
+
+# -- transfers between daemons (HAVE, XPUT) ------------------------------------------------
+def have(ctx: Ctx, h: dict[str, Any], payload: bytes | None) -> Result:
+    """Which of the keys this namespace holds in any tier (a transfer resumes with the rest)."""
+    ns, keys, access = ctx.namespace(h), [ChunkKey(k) for k in field_keys(h)], ctx.core.access
+
+    def run() -> Reply:
+        return Reply({"present": [access.owned(ns, k) and access.store.contains(ns, k) for k in keys]})
+
+    return ctx.core.offload(run) if access.layered else run()
+
+
+@dataclass(frozen=True, slots=True)
+class XPutRequest:
+    """An XPUT's validated header: per chunk its wire size, wire checksum, codec and raw checksum."""
+
+    ns: Namespace
+    keys: list[ChunkKey]
+    sizes: list[int]
+    checksums: list[bytes]
+    codecs: list[str]
+    raw_checksums: list[bytes | None]
+    cost: float
+
+
+def parse_xput(ctx: Ctx, h: dict[str, Any], payload_len: int) -> XPutRequest:
+    """Validate an XPUT header against its payload length.
+
+    Raises:
+        InvalidInput, UnknownNamespace, ChunkTooLarge.
+    """
+    ns, keys = ctx.namespace(h), [ChunkKey(k) for k in field_keys(h)]
+    sizes = field_sizes(h, len(keys), payload_len)
+    _check_sizes(ctx, sizes)
+    codecs = h.get("codecs")
+    if not isinstance(codecs, list) or len(codecs) != len(keys):
+        raise InvalidInput(f"field 'codecs' must list {len(keys)} codec names ('raw' for raw bytes)")
+    for name in codecs:
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_CODEC_NAME:
+            raise InvalidInput("field 'codecs' must hold codec names")
+    raw = h.get("raw_checksums", [None] * len(keys))
+    if not isinstance(raw, list) or len(raw) != len(keys):
+        raise InvalidInput(f"field 'raw_checksums' must list {len(keys)} checksums or nils")
+    for c in raw:
+        if c is not None and (not isinstance(c, bytes) or len(c) != CHECKSUM_BYTES):
+            raise InvalidInput(f"field 'raw_checksums' must hold {CHECKSUM_BYTES}-byte digests or nils")
+    cost = field_float(h, "cost", 1.0) or 0.0
+    return XPutRequest(ns, keys, sizes, field_checksums(h, len(keys)), codecs, raw, cost)
+
+
+def xput(ctx: Ctx, h: dict[str, Any], payload: bytes | None) -> Result:
+    """Store chunks sent by another daemon, each raw or in a codec container.
+
+    Every chunk is checked before anything is stored: the bytes that arrived
+    against their checksum (else CHECKSUM: resend), a container's own checks
+    and spec (another spec than the namespace's is BAD_REQUEST), the decoded
+    size (whole tokens) and, where the sender gave one, the decoded bytes'
+    checksum. Decoding runs on the worker threads.
+    """
+    req = parse_xput(ctx, h, len(payload or b""))
+    data = memoryview(payload or b"")
+    offs = [0, *itertools.accumulate(req.sizes)]
+    parts = [np.frombuffer(data[a:b], dtype=np.uint8) for a, b in itertools.pairwise(offs)]
+    bad = [i for i, (p, c) in enumerate(zip(parts, req.checksums)) if checksum(p) != c]
+    if bad:
+        raise ChunkCorrupt(f"chunk(s) {bad[:8]} of the XPUT failed their checksum; nothing was stored")
+    access = ctx.core.access
+
+    def run() -> Reply:
+        t0 = time.perf_counter()
+        raws = [_decoded(access, req, i, p) for i, p in enumerate(parts)]
+        decode_s = time.perf_counter() - t0
+        stored = [access.put_copy(req.ns, k, r, req.cost) for k, r in zip(req.keys, raws)]
+        return Reply({"stored": stored, "decode_s": decode_s})
+
+    return ctx.core.offload(run)
+
+
+def _decoded(access: StoreAccess, req: XPutRequest, i: int, part: np.ndarray[Any, np.dtype[np.uint8]]) -> Any:
+    """Chunk ``i`` as raw KV of the namespace, checked (see :func:`xput`)."""
+    ns, codec = req.ns, req.codecs[i]
+    if codec == "raw":
+        raw = part
+    else:
+        container = unpack(part)  # every section checked against its own checksum
+        if container.codec != codec:
+            raise InvalidInput(f"chunk {i} is a {container.codec!r} container, the header says {codec!r}")
+        if container.spec != ns.spec:
+            raise InvalidInput(
+                f"chunk {i} holds KV of another spec ({container.spec.model.name}, {container.spec.dtype}, "
+                f"{container.spec.num_layers} layers) than the namespace's ({ns.spec.model.name}, "
+                f"{ns.spec.dtype}, {ns.spec.num_layers} layers); nothing was stored"
+            )
+        raw = np.empty(container.layout.nbytes, dtype=np.uint8)
+        access.store.codecs.decode_into(ns, part, raw)
+    if raw.size % ns.spec.bytes_per_token or raw.size == 0:
+        raise InvalidInput(
+            f"chunk {i} decodes to {raw.size} bytes, not a whole number of tokens "
+            f"({ns.spec.bytes_per_token} bytes each) of the namespace's KV"
+        )
+    want = req.raw_checksums[i]
+    if want is not None and checksum(raw) != want:
+        raise ChunkCorrupt(f"chunk {i} decoded to bytes that fail the sender's checksum; nothing was stored")
+    return raw

@@ -33,6 +33,7 @@ from kvstore.errors import (
     Busy,
     CapacityError,
     ChunkCorrupt,
+    CodecError,
     ChunkTooLarge,
     InvalidInput,
     KVStoreError,
@@ -52,6 +53,7 @@ MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_PAYLOAD = 1 << 30
 CHECKSUM_BYTES = 16
 MAX_KEYS = 1 << 16  # keys per request
+MAX_CODEC_NAME = 64  # characters of a codec name in an XPUT
 
 
 class MsgType(enum.IntEnum):
@@ -60,7 +62,7 @@ class MsgType(enum.IntEnum):
     HELLO = 1  # {token?, client?, shm?} -> HELLO_OK {tenant, max_payload_bytes, max_inflight_bytes, shm}
     REGISTER = 2  # {spec} -> OK {namespace, chunk_bytes}
     PUT = 3  # {ns, keys, sizes, checksums | checksum_trailer, cost?} + payload -> OK {stored}
-    LOOKUP = 4  # {ns, keys? | tokens in payload, lease?, ttl_s?} -> OK {hit_tokens, keys, tiers, query_chunks, lease}
+    LOOKUP = 4  # {ns, keys? | tokens in payload, lease?, ttl_s?, wait_s?} -> OK {hit_tokens, keys, tiers, query_chunks, lease}
     GET = 5  # {ns, keys, lease?, capacity?} -> OK {sizes (-1 = miss), checksums} + payload
     DELETE = 6  # {ns, keys} -> OK {deleted}
     PREFETCH = 7  # {ns, keys} -> OK {promoted, present}
@@ -74,6 +76,9 @@ class MsgType(enum.IntEnum):
     LIST = 15  # {ns, limit?} -> OK {keys, truncated}
     CLEAR = 16  # {ns} -> OK {removed}
     SHM_WRITTEN = 17  # {reservation, index, upto} -> OK {hashed}: the daemon may hash bytes [0, upto) now
+    HAVE = 18  # {ns, keys} -> OK {present: [bool]}: which chunks this namespace holds (resuming transfers)
+    XPUT = 19  # {ns, keys, sizes, checksums, codecs, raw_checksums?, cost?} + payload -> OK {stored, decode_s}
+    ANNOUNCE = 20  # {ns, keys, ttl_s} -> OK {announced} | {ns, keys, withdraw: true} -> OK {withdrawn}: in flight
 
     OK = 64
     HELLO_OK = 65
@@ -166,6 +171,7 @@ _CODE_ORDER: tuple[tuple[type[BaseException], ErrorCode], ...] = (
     (UnknownNamespace, ErrorCode.UNKNOWN_NAMESPACE),
     (LeaseError, ErrorCode.LEASE),
     (ChunkCorrupt, ErrorCode.CHECKSUM),
+    (CodecError, ErrorCode.CHECKSUM),  # a container that fails its own checks arrived corrupt
     (CapacityError, ErrorCode.CAPACITY),
     (ShuttingDown, ErrorCode.SHUTTING_DOWN),
     (InvalidInput, ErrorCode.BAD_REQUEST),

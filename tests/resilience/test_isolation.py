@@ -92,6 +92,12 @@ def _admin_cases(w: World) -> dict[tuple[str, str], list[tuple[str, Any, set[int
         ("PUT", "/v1/chunks/{ns}/{key}"): [(f"/v1/chunks/{ns}/{key}", b"x" * 2048, gone),
                                            (f"/v1/chunks/{w.ns_b.id.hex()}/{key}", b"x" * 2048, {409})],
         ("GET", "/v1/events"): [("/v1/events?seconds=1&format=json", None, {200})],
+        ("POST", "/v1/transfers"): [("/v1/transfers", {**body_ns, "peer": "kvstore://127.0.0.1:1", "keys": [key]},
+                                     gone)],
+        ("GET", "/v1/transfers"): [("/v1/transfers", None, {200})],
+        ("GET", "/v1/transfers/{transfer}"): [("/v1/transfers/t1-00000000", None, gone)],
+        ("DELETE", "/v1/transfers/{transfer}"): [("/v1/transfers/t1-00000000", None, gone)],
+        ("POST", "/v1/transfers/{transfer}/resume"): [("/v1/transfers/t1-00000000/resume", None, gone)],
     }
 
 
@@ -168,6 +174,8 @@ def _frames(w: World) -> list[tuple[int, dict[str, Any], bytes]]:
             (MsgType.SHM_RESERVE, {"ns": ns, "keys": keys[:1], "sizes": [len(data)]}, b""),
             (MsgType.LIST, {"ns": ns, "limit": 100}, b""),
             (MsgType.CLEAR, {"ns": ns}, b""),
+            (MsgType.HAVE, {"ns": ns, "keys": keys}, b""),
+            (MsgType.XPUT, {"ns": ns, **put, "codecs": ["raw"]}, data),
         ]
     return out
 
@@ -228,6 +236,8 @@ def _check_frame_reply(w: World, mt: MsgType, header: dict[str, Any], kind: int,
         assert not set(reply["keys"]) & set(w.keys), reply
     if mt == MsgType.SHM_GET:
         assert all(s == -1 for s in reply.get("sizes", [])), reply
+    if mt == MsgType.HAVE:
+        assert not any(reply["present"]), reply
     _no_secrets(w, repr(reply), name)
 
 

@@ -1,0 +1,127 @@
+"""The per-chunk codec planner: the least lossy codec that meets the deadline, or "recompute".
+
+Before each chunk a transfer asks :func:`plan` which codec to send it with,
+given what is left (raw bytes, seconds to the deadline), the link's current
+estimate and, per candidate codec, its measured compression ratio and
+encode/decode throughput on this machine. Encoding, sending and decoding of
+successive chunks overlap (they are pipelined), so the projected time of
+the rest of the transfer with one codec is its slowest stage::
+
+    projected = max(left / ratio / bandwidth, left / encode_Bps, left / decode_Bps)
+
+Candidates are tried from the least lossy (``quality_rank`` 0: raw,
+lossless) to the most; the first whose projection fits the time left wins,
+ties in rank going to the faster. When none fits, the fastest candidate is
+chosen (it misses by the least) and the plan says whether recomputing the
+KV (a prefill-time estimate the caller passed in) would be cheaper than
+sending it. Bandwidth may change mid-transfer: planning again per chunk with
+the latest estimate follows it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from kvstore.errors import InvalidInput
+
+
+@dataclass(frozen=True, slots=True)
+class CodecOption:
+    """One way to send a chunk, with what it costs here.
+
+    Attributes:
+        label: short name shown in progress ("raw", "int8", "cachegen-2").
+        codec: the registered codec name ("raw" sends the bytes without a container).
+        params: the codec's parameters.
+        quality_rank: 0 for lossless; higher is lossier.
+        ratio: raw bytes / sent bytes (>= some small positive number).
+        encode_bytes_per_s, decode_bytes_per_s: raw bytes per second through the coder
+            (``math.inf`` for raw).
+    """
+
+    label: str
+    codec: str
+    params: Mapping[str, int | float | str | bool] = field(default_factory=dict)
+    quality_rank: int = 0
+    ratio: float = 1.0
+    encode_bytes_per_s: float = math.inf
+    decode_bytes_per_s: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not self.ratio > 0 or not self.encode_bytes_per_s > 0 or not self.decode_bytes_per_s > 0:
+            raise InvalidInput(f"codec option {self.label!r} needs a positive ratio and throughputs")
+        if self.quality_rank < 0:
+            raise InvalidInput("quality_rank must be >= 0")
+
+    def projected_s(self, raw_bytes: int, bytes_per_s: float) -> float:
+        """Seconds to move ``raw_bytes`` with this codec over a link of ``bytes_per_s`` (pipelined)."""
+        send = raw_bytes / self.ratio / bytes_per_s
+        return max(send, raw_bytes / self.encode_bytes_per_s, raw_bytes / self.decode_bytes_per_s)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInput:
+    """What the planner knows before a chunk.
+
+    Attributes:
+        bytes_left: raw bytes still to send, this chunk included.
+        time_left_s: seconds to the deadline (None: no deadline; may be <= 0 once missed).
+        bytes_per_s: the link estimate (None: unknown yet).
+        recompute_s: the caller's estimate of recomputing the KV instead (None: not an option).
+    """
+
+    bytes_left: int
+    time_left_s: float | None
+    bytes_per_s: float | None
+    recompute_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The planner's answer for one chunk.
+
+    Attributes:
+        option: the codec to send the chunk with.
+        projected_s: projected seconds for the rest of the transfer with it (None: no estimate yet).
+        meets_deadline: the projection fits the time left (True without a deadline).
+        recompute_cheaper: no codec meets the deadline and recomputing is projected faster.
+    """
+
+    option: CodecOption
+    projected_s: float | None
+    meets_deadline: bool
+    recompute_cheaper: bool
+
+
+def plan(options: Sequence[CodecOption], inp: PlanInput) -> Plan:
+    """Pick the codec for the next chunk (see the module docstring).
+
+    Within one quality rank the candidate with the shortest projection is
+    preferred. Without a deadline the least lossy rank is used; before the
+    link has an estimate, the least lossy and fastest-coding candidate.
+
+    Raises:
+        InvalidInput: no candidates.
+    """
+    if not options:
+        raise InvalidInput("the planner needs at least one codec option")
+    ranks = sorted({o.quality_rank for o in options})
+    bw = inp.bytes_per_s
+    if bw is None or not bw > 0:
+        first = [o for o in options if o.quality_rank == ranks[0]]
+        return Plan(max(first, key=_coder_speed), None, True, False)
+    for rank in ranks:
+        best = min((o for o in options if o.quality_rank == rank), key=lambda o: o.projected_s(inp.bytes_left, bw))
+        projected = best.projected_s(inp.bytes_left, bw)
+        if inp.time_left_s is None or projected <= inp.time_left_s:
+            return Plan(best, projected, True, False)
+    fastest = min(options, key=lambda o: (o.projected_s(inp.bytes_left, bw), o.quality_rank))
+    projected = fastest.projected_s(inp.bytes_left, bw)
+    cheaper = inp.recompute_s is not None and inp.recompute_s < projected
+    return Plan(fastest, projected, False, cheaper)
+
+
+def _coder_speed(o: CodecOption) -> float:
+    return min(o.encode_bytes_per_s, o.decode_bytes_per_s)

@@ -1,0 +1,253 @@
+"""Daemon-to-daemon transfers of a namespace's chunks: push (XPUT to a peer) and pull (GET from one).
+
+A push reads each chunk from the local store, asks the planner which codec
+to send it with (per chunk, with the link's latest estimate), and sends it
+in an XPUT; ``window`` chunks are in flight at once. The peer verifies every
+chunk before storing it (docs/protocol.md, XPUT); a chunk it reports corrupt
+is sent again (``max_resends``), then the transfer fails. A dropped
+connection is resumed: the transfer reconnects (``max_reconnects``, with
+backoff), asks the peer which of the remaining keys it already holds (HAVE)
+and sends only the rest. A pull GETs chunks raw with checksum verification
+and stores them locally, skipping what the local store already holds.
+
+Both sides must agree on the tenant: keys are derived from the namespace,
+which names its tenant, so the peer's token must belong to the namespace's
+tenant (or the peer must run without tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from kvstore.buffers import U8
+from kvstore.checksum import checksum
+from kvstore.client.aio import AsyncClient
+from kvstore.errors import ChunkCorrupt, InvalidInput, KVStoreError, RemoteUnavailable
+from kvstore.keys import ChunkKey, Namespace
+from kvstore.service.migration import handoff_push
+from kvstore.service.migration.link import AckClock, LinkEstimator
+from kvstore.service.migration.planner import CodecOption, Plan, PlanInput, plan
+from kvstore.service.migration.progress import ChunkSent, TransferProgress
+from kvstore.service.migration.transfer_codecs import payload
+from kvstore.service.protocol import Forbidden
+from kvstore.tiers.store import TieredStore
+
+LOSSLESS = frozenset({"raw", "lossless"})
+HAVE_BATCH = 4096
+
+
+class TransferFailed(KVStoreError):
+    """A transfer gave up: the peer stayed unreachable, refused the chunks, or kept corrupting one."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRequest:
+    """What to move, where, and how.
+
+    Attributes:
+        peer_url: the other daemon's data plane (``kvstore://host:port``, ``kvstores://`` for TLS).
+        namespace: the namespace (the same on both daemons).
+        keys: the chunks, in order.
+        direction: ``push`` (local -> peer) or ``pull`` (peer -> local).
+        token: bearer token for the peer (its tenant must be the namespace's).
+        deadline_s: seconds the transfer should take at most (the planner's target), or None.
+        codec_options: measured candidates for the planner (push; empty: raw only).
+        recompute_s: the caller's estimate of recomputing the KV instead (for the planner's report).
+        tls: speak TLS to the peer; tls_ca: the CA file to trust (None: the system's).
+        window: chunks in flight at once.
+        max_reconnects: reconnect attempts after a dropped connection before giving up.
+        max_resends: times one chunk is sent again after the peer found it corrupt.
+        timeout_s: per request to the peer.
+        announce_ttl_s: a push first ANNOUNCEs the chunks it will send, for this long, so that a
+            lookup on the peer waits for them (docs/migration.md, section 9); None: no announcement.
+    """
+
+    peer_url: str
+    namespace: Namespace
+    keys: tuple[ChunkKey, ...]
+    direction: Literal["push", "pull"] = "push"
+    token: str | None = None
+    deadline_s: float | None = None
+    codec_options: tuple[CodecOption, ...] = ()
+    recompute_s: float | None = None
+    tls: bool = False
+    tls_ca: str | None = None
+    window: int = 4
+    max_reconnects: int = 5
+    max_resends: int = 3
+    timeout_s: float = 30.0
+    announce_ttl_s: float | None = 120.0
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("push", "pull"):
+            raise InvalidInput(f"direction must be 'push' or 'pull', got {self.direction!r}")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise InvalidInput("deadline_s must be > 0")
+        if not 1 <= self.window <= 64 or self.max_reconnects < 0 or self.max_resends < 0:
+            raise InvalidInput("window must be in [1, 64]; max_reconnects and max_resends >= 0")
+        if not self.timeout_s > 0 or not (self.announce_ttl_s is None or self.announce_ttl_s > 0):
+            raise InvalidInput("timeout_s and announce_ttl_s must be > 0")
+
+
+async def run(store: TieredStore, req: TransferRequest, progress: TransferProgress, link: LinkEstimator) -> None:
+    """Run a transfer to its end, resuming after dropped connections; ``progress`` follows it.
+
+    Raises:
+        TransferFailed: the peer stayed unreachable, or a chunk kept failing its checks.
+        Unauthorized, Forbidden, InvalidInput, UnknownNamespace, TLSError: refusals a retry cannot change.
+    """
+    client = AsyncClient(req.peer_url, token=req.token, timeout_s=req.timeout_s, retries=0, pool_size=1,
+                         use_shm=False, verify=req.direction == "pull", tls=req.tls, tls_ca=req.tls_ca)
+    once = _push_once if req.direction == "push" else _pull_once
+    attempt = 0
+    try:
+        while True:
+            try:
+                await once(client, store, req, progress, link)
+                return
+            except RemoteUnavailable as exc:
+                attempt += 1
+                if attempt > req.max_reconnects:
+                    raise TransferFailed(f"peer {req.peer_url} unreachable after {attempt} attempts: {exc}") from exc
+                progress.reconnects += 1
+                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+    except BaseException:
+        if req.direction == "push" and req.announce_ttl_s is not None:
+            await asyncio.shield(handoff_push.withdraw_unsent(req, progress))
+        raise
+    finally:
+        await client.close()
+
+
+async def _peer_namespace(client: AsyncClient, ns: Namespace) -> Namespace:
+    """Register the namespace on the peer; its token's tenant must be the namespace's."""
+    await client.ping()
+    tenant = client.info.tenant if client.info is not None else None
+    if tenant is not None and tenant != ns.tenant:
+        raise Forbidden(f"the peer's token belongs to tenant {tenant!r}, the namespace to {ns.tenant!r}")
+    return await client.register(ns)
+
+
+async def _push_once(client: AsyncClient, store: TieredStore, req: TransferRequest, progress: TransferProgress,
+                     link: LinkEstimator) -> None:
+    ns = await _peer_namespace(client, req.namespace)
+    left = [k for k in req.keys if k not in progress.done and k not in progress.missing]
+    for i in range(0, len(left), HAVE_BATCH):
+        part = left[i : i + HAVE_BATCH]
+        for key, present in zip(part, await client.have(ns, part)):
+            if present:
+                progress.skipped(key)
+    todo = [k for k in left if k not in progress.done]
+    await handoff_push.announce(client, ns, todo, req.announce_ttl_s)
+    started = time.monotonic() - progress.elapsed_s
+    clock, inflight = AckClock(link), set[asyncio.Task[None]]()
+    try:
+        for n, key in enumerate(todo):
+            while len(inflight) >= req.window:
+                await _reap(inflight)
+            raw = await asyncio.to_thread(_read_local, store, ns, key)
+            if raw is None:
+                progress.absent(key)
+                await handoff_push.withdraw(client, ns, [key], req.announce_ttl_s)
+                continue
+            choice = _plan(req, progress, link, raw.size * (len(todo) - n), started)
+            data = await asyncio.to_thread(payload, store, ns, key, raw, choice.option)
+            raw_sum = checksum(raw) if choice.option.codec in LOSSLESS else None
+            task = asyncio.create_task(_send(client, ns, key, raw.size, data, choice.option, raw_sum, req, progress,
+                                             clock, link))  # fmt: skip
+            inflight.add(task)
+        while inflight:
+            await _reap(inflight)
+    finally:
+        for task in inflight:
+            task.cancel()
+        await asyncio.gather(*inflight, return_exceptions=True)
+
+
+def _plan(req: TransferRequest, progress: TransferProgress, link: LinkEstimator, bytes_left: int,
+          started: float) -> Plan:
+    options = req.codec_options or (CodecOption("raw", "raw"),)
+    time_left = None if req.deadline_s is None else req.deadline_s - (time.monotonic() - started)
+    est = link.estimate.bytes_per_s
+    choice = plan(options, PlanInput(bytes_left, time_left, est, req.recompute_s))
+    progress.estimate_bytes_per_s = est
+    progress.projected_s = choice.projected_s
+    progress.recompute_cheaper = progress.recompute_cheaper or choice.recompute_cheaper
+    return choice
+
+
+async def _reap(inflight: set[asyncio.Task[None]]) -> None:
+    """Wait for one in-flight send to finish; re-raise its failure."""
+    done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        inflight.discard(task)
+        task.result()
+
+
+async def _send(client: AsyncClient, ns: Namespace, key: ChunkKey, raw_size: int, data: bytes, option: CodecOption,
+                raw_sum: bytes | None, req: TransferRequest, progress: TransferProgress, clock: AckClock,
+                link: LinkEstimator) -> None:
+    for attempt in range(req.max_resends + 1):
+        sent_at = time.monotonic()
+        try:
+            result = await client.xput(ns, [key], [data], [option.codec], [raw_sum])
+        except ChunkCorrupt as exc:
+            if attempt == req.max_resends:
+                raise TransferFailed(f"chunk {key.hex()} arrived corrupt {attempt + 1} times: {exc}") from exc
+            progress.resent += 1
+            continue
+        clock.acked(len(data), sent_at)
+        progress.estimate_bytes_per_s = link.estimate.bytes_per_s
+        if result.stored[0]:
+            progress.sent(ChunkSent(key, option.label, raw_size, len(data)))
+        else:
+            raise TransferFailed(f"the peer had no room for chunk {key.hex()} (everything pinned)")
+        return
+
+
+def _read_local(store: TieredStore, ns: Namespace, key: ChunkKey) -> U8 | None:
+    out = np.empty(ns.chunk_nbytes, dtype=np.uint8)
+    n = store.get(ns, key, out)
+    return None if n is None else out[:n]
+
+
+async def _pull_once(client: AsyncClient, store: TieredStore, req: TransferRequest, progress: TransferProgress,
+                     link: LinkEstimator) -> None:
+    ns = await _peer_namespace(client, req.namespace)
+    store.register_namespace(req.namespace)
+    for key in req.keys:
+        if key not in progress.done and await asyncio.to_thread(store.contains, req.namespace, key):
+            progress.skipped(key)
+    todo = [k for k in req.keys if k not in progress.done and k not in progress.missing]
+    clock = AckClock(link)
+    for i in range(0, len(todo), req.window):
+        part = todo[i : i + req.window]
+        outs = [np.empty(ns.chunk_nbytes, dtype=np.uint8) for _ in part]
+        sent_at = time.monotonic()
+        sizes = await _get_verified(client, ns, part, outs, req, progress)
+        clock.acked(sum(s or 0 for s in sizes), sent_at)
+        progress.estimate_bytes_per_s = link.estimate.bytes_per_s
+        for key, size, out in zip(part, sizes, outs):
+            if size is None:
+                progress.absent(key)
+                continue
+            await asyncio.to_thread(store.put, req.namespace, key, out[:size])
+            progress.sent(ChunkSent(key, "raw", size, size))
+
+
+async def _get_verified(client: AsyncClient, ns: Namespace, keys: Sequence[ChunkKey], outs: list[U8],
+                        req: TransferRequest, progress: TransferProgress) -> list[int | None]:
+    for attempt in range(req.max_resends + 1):
+        try:
+            return await client.get_many(ns, keys, outs)
+        except ChunkCorrupt as exc:
+            if attempt == req.max_resends:
+                raise TransferFailed(f"chunks arrived corrupt {attempt + 1} times: {exc}") from exc
+            progress.resent += 1
+    raise AssertionError("unreachable")
