@@ -22,14 +22,14 @@ import pytest
 from kvstore.builder import TiersConfig, build_store
 from kvstore.client import Client
 from kvstore.errors import InvalidInput, UnknownNamespace
-from kvstore.keys import ChunkKey, Namespace, NamespaceId
+from kvstore.keys import ChunkKey, Namespace
 from kvstore.service.migration.link import LinkEstimator
 from kvstore.service.migration.progress import TransferProgress
 from kvstore.service.migration.transfer import TransferFailed, TransferRequest, run
 from kvstore.service.protocol import MsgType, ServerBusy, decode_header, frame, unpack_prefix
 from kvstore.spec import KVSpec, ModelFingerprint
 
-from tests.migration.transfer_helpers import FaultyRelay, float_chunks, store_chunks
+from tests.migration.transfer_helpers import FaultyRelay, float_chunks
 from tests.service.daemon_fixtures import HAVE_DATAPLANE, TOKEN_A, TOKEN_B, TOKENS, DaemonProc
 
 pytestmark = pytest.mark.skipif(not HAVE_DATAPLANE, reason="the data plane is not built")
@@ -254,11 +254,9 @@ def test_a_failed_push_withdraws_what_it_did_not_deliver(open_daemon: DaemonProc
 
 
 def test_lookups_without_wait_ignore_announcements(open_daemon: DaemonProc) -> None:
-    ns_id = NamespaceId(NS.id)
     keys, _ = float_chunks(NS, 2, seed=19)
     with connect(open_daemon, None) as c:
         c.announce(NS, keys, ttl_s=10)
         start = time.monotonic()
         assert c.lookup(NS, keys=keys).hit_chunks == 0 and time.monotonic() - start < 1
         assert c.withdraw(NS, keys) == 2
-    assert ns_id == NS.id

@@ -176,6 +176,9 @@ def _frames(w: World) -> list[tuple[int, dict[str, Any], bytes]]:
             (MsgType.CLEAR, {"ns": ns}, b""),
             (MsgType.HAVE, {"ns": ns, "keys": keys}, b""),
             (MsgType.XPUT, {"ns": ns, **put, "codecs": ["raw"]}, data),
+            (MsgType.ANNOUNCE, {"ns": ns, "keys": keys, "ttl_s": 30.0}, b""),
+            (MsgType.LOOKUP, {"ns": ns, "keys": keys, "lease": True, "wait_s": 1.0}, b""),
+            (MsgType.ANNOUNCE, {"ns": ns, "keys": keys, "withdraw": True}, b""),
         ]
     return out
 
@@ -238,6 +241,8 @@ def _check_frame_reply(w: World, mt: MsgType, header: dict[str, Any], kind: int,
         assert all(s == -1 for s in reply.get("sizes", [])), reply
     if mt == MsgType.HAVE:
         assert not any(reply["present"]), reply
+    if mt == MsgType.ANNOUNCE:  # only in B's own namespace, where A's keys name nothing of A's
+        assert set(reply) <= {"announced", "withdrawn"}, reply
     _no_secrets(w, repr(reply), name)
 
 

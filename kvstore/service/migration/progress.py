@@ -59,6 +59,7 @@ class TransferProgress:
     bytes_sent: int = 0
     resent: int = 0
     reconnects: int = 0
+    relost: int = 0  # chunks acknowledged earlier that the peer had lost when the transfer resumed
     estimate_bytes_per_s: float | None = None
     projected_s: float | None = None
     deadline_met: bool | None = None
@@ -83,6 +84,21 @@ class TransferProgress:
         if key not in self.done:
             self.done.add(key)
             self.chunks_skipped += 1
+
+    def lost(self, key: ChunkKey) -> None:
+        """A key counted done that the peer no longer holds (it restarted, evicted): to send again."""
+        if key not in self.done:
+            return
+        self.done.discard(key)
+        self.relost += 1
+        for i, record in enumerate(self.chunks):
+            if record.key == key:
+                del self.chunks[i]
+                self.chunks_done -= 1
+                self.bytes_raw -= record.raw_bytes
+                self.bytes_sent -= record.sent_bytes
+                return
+        self.chunks_skipped -= 1
 
     def absent(self, key: ChunkKey) -> None:
         if key not in self.missing:
@@ -110,7 +126,7 @@ class TransferProgress:
             "state": self.state.value, "codec_policy": self.codec_policy, "chunks_total": self.chunks_total,
             "chunks_done": self.chunks_done, "chunks_skipped": self.chunks_skipped,
             "chunks_missing": self.chunks_missing, "bytes_raw": self.bytes_raw, "bytes_sent": self.bytes_sent,
-            "resent": self.resent, "reconnects": self.reconnects, "estimate_bytes_per_s": self.estimate_bytes_per_s,
+            "resent": self.resent, "reconnects": self.reconnects, "relost": self.relost, "estimate_bytes_per_s": self.estimate_bytes_per_s,
             "projected_s": self.projected_s, "deadline_s": self.deadline_s, "deadline_met": self.deadline_met,
             "recompute_cheaper": self.recompute_cheaper, "error": self.error, "elapsed_s": round(self.elapsed_s, 6),
             "codecs": self.codec_counts(),

@@ -126,23 +126,30 @@ async def run(store: TieredStore, req: TransferRequest, progress: TransferProgre
 
 
 async def _peer_namespace(client: AsyncClient, ns: Namespace) -> Namespace:
-    """Register the namespace on the peer; its token's tenant must be the namespace's."""
-    await client.ping()
-    tenant = client.info.tenant if client.info is not None else None
-    if tenant is not None and tenant != ns.tenant:
-        raise Forbidden(f"the peer's token belongs to tenant {tenant!r}, the namespace to {ns.tenant!r}")
-    return await client.register(ns)
+    """Register the namespace on the peer; its token's tenant must be the namespace's.
+
+    No round trip of its own: the peer refuses to register another tenant's namespace (the
+    connection's HELLO told it the token's tenant), and the refusal is reported with both tenants.
+    """
+    try:
+        return await client.register(ns)
+    except Forbidden as exc:
+        tenant = client.info.tenant if client.info is not None else None
+        raise Forbidden(f"the peer's token belongs to tenant {tenant!r}, the namespace to {ns.tenant!r}") from exc
 
 
 async def _push_once(client: AsyncClient, store: TieredStore, req: TransferRequest, progress: TransferProgress,
                      link: LinkEstimator) -> None:
     ns = await _peer_namespace(client, req.namespace)
-    left = [k for k in req.keys if k not in progress.done and k not in progress.missing]
+    # keys acknowledged before are asked again: a peer that restarted may have lost them
+    left = [k for k in req.keys if k not in progress.missing]
     for i in range(0, len(left), HAVE_BATCH):
         part = left[i : i + HAVE_BATCH]
         for key, present in zip(part, await client.have(ns, part)):
             if present:
                 progress.skipped(key)
+            else:
+                progress.lost(key)
     todo = [k for k in left if k not in progress.done]
     await handoff_push.announce(client, ns, todo, req.announce_ttl_s)
     started = time.monotonic() - progress.elapsed_s

@@ -176,7 +176,7 @@ def openapi_schemas(hex_schema: dict[str, Any], max_keys: int) -> dict[str, Any]
     chunk = {"type": "object", "properties": {"key": hex_schema, "codec": {"type": "string"},
                                               "raw_bytes": {"type": "integer"}, "sent_bytes": {"type": "integer"}}}
     ints = ("chunks_total", "chunks_done", "chunks_skipped", "chunks_missing", "bytes_raw", "bytes_sent", "resent",
-            "reconnects")  # fmt: skip
+            "reconnects", "relost")  # fmt: skip
     progress = {
         "type": "object",
         "required": ["id", "state", "chunks_total", "chunks_done"],
