@@ -57,6 +57,7 @@ def quick() -> dict[str, Any]:
     lines = proc.stdout.strip().splitlines()
     assert any(line.startswith("codec / level") for line in lines[:-1])  # the table precedes the JSON
     assert any("not counted per chunk" in line for line in lines[:-1])  # the profile's bytes are named
+    assert any("per-head Fisher-weighted transform" in line for line in lines[:-1])  # the default setup
     values: dict[str, Any] = json.loads(lines[-1])
     return values
 

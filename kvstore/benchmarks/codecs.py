@@ -19,10 +19,10 @@ on the KV of real prompts (Python-docs passages and ShareGPT chats,
   the prompts.
 
 cachegen runs in its recommended setup (``codecs_variants.cachegen_setup``):
-per-channel sensitivity calibrated on the calibration prompts (never the
-scored ones), keys un-rotated with the model's RoPE base, the profile's
-tables at 256 tokens and inline tables with the same steps at 2048;
-``--uncalibrated`` measures the plain levels (no sensitivity, keys as they are).
+a per-head Fisher-weighted transform calibrated on the calibration prompts
+(never the scored ones), keys un-rotated with the model's RoPE base, the
+profile's tables at 256 tokens and inline tables with the same steps at 2048;
+``--uncalibrated`` measures the plain levels (no transform, keys as they are).
 
 The defaults (6 prompts, 2048 context tokens, 256 continuation tokens) are the
 sizes ``kvstore.quality`` recommends for reported numbers; ``--quick`` is a
@@ -124,12 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--calibration-prompts",
         type=positive_int,
-        help="other prompts cachegen's sensitivity and profiles are built from (default 4; --quick 1)",
+        help="other prompts cachegen's transform and profiles are built from (default 4; --quick 1)",
     )
     add(
         "--uncalibrated",
         action="store_true",
-        help="cachegen without calibrated sensitivity or key un-rotation (the plain levels)",
+        help="cachegen without the calibrated transform or key un-rotation (the plain levels)",
     )
     add("--device", choices=("cpu", "cuda"), default="cpu", help="where the model and GPU codec paths run")
     add("--only", help="comma-separated variant keys to measure (default: all), e.g. int8,cachegen_l1")

@@ -75,21 +75,14 @@ def build_inputs(loaded: LoadedModel, config: CodecsBenchConfig, todo: Sequence[
 
     ``prompt_ids`` returns its passages, then its chats; each half is split
     between the measured prompts and the calibration prompts, so that neither
-    the sensitivity nor the profiles see a measured prompt and ShareGPT is
+    the transform nor the profiles see a measured prompt and ShareGPT is
     read once. Calibration (context + continuation of each calibration
     prompt) and the calibration KV are computed on the CPU; with ``--device
     cuda`` the model then moves to the GPU for the harnesses.
     """
     p, c = config.prompts, config.calibration_prompts
     ids = prompt_ids(loaded, p + c, config.context + config.continuation, seed=config.seed + 1)
-    n_docs = (p + c) - (p + c) // 2
-    docs, chats = ids[:n_docs], ids[n_docs:]
-    measured = docs[: p - p // 2] + chats[: p // 2]
-    calibration = (docs[p - p // 2 :] + chats[p // 2 :])[:c]
-    if len(measured) < p or not calibration:
-        raise InvalidInput(
-            f"could not draw {p} + {c} prompts of {config.context + config.continuation} tokens"
-        )
+    measured, calibration = split_prompts(ids, p, c, config.context + config.continuation)
     if config.calibrated and any(v.profile for v in todo):
         say(f"calibrating cachegen on {len(calibration)} prompt(s), {CALIBRATION_DRAWS} draws each")
     pairs = [(x[: config.context], x[config.context :]) for x in calibration]
@@ -104,6 +97,27 @@ def build_inputs(loaded: LoadedModel, config: CodecsBenchConfig, todo: Sequence[
         for x in measured
     ]
     return m.Inputs(loaded.spec_for("bfloat16"), harnesses, kvs, config.iters, config.warmup, setup)
+
+
+def split_prompts(
+    ids: Sequence[Sequence[int]], p: int, c: int, tokens: int = 0
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(``p`` measured, up to ``c`` calibration) prompts from ``prompt_ids``'s ``p + c`` of ``tokens``
+    tokens (its passages, then its chats): each half shared between the two, no prompt in both.
+
+    Raises:
+        InvalidInput: fewer than ``p`` measured or no calibration prompts, or a calibration prompt
+            that is also a measured one (calibration must be held out).
+    """
+    n_docs = (p + c) - (p + c) // 2
+    docs, chats = [list(x) for x in ids[:n_docs]], [list(x) for x in ids[n_docs:]]
+    measured = docs[: p - p // 2] + chats[: p // 2]
+    calibration = (docs[p - p // 2 :] + chats[p // 2 :])[:c]
+    if len(measured) < p or not calibration:
+        raise InvalidInput(f"could not draw {p} + {c} prompts of {tokens} tokens")
+    if {tuple(x) for x in measured} & {tuple(x) for x in calibration}:
+        raise InvalidInput("a calibration prompt is also a measured one: calibration must be held out")
+    return measured, calibration
 
 
 def _g(x: float) -> float:
@@ -226,8 +240,8 @@ def notes(config: CodecsBenchConfig, results: Sequence[m.VariantResult]) -> list
     sizes = sorted({r.profile_bytes for r in results if r.profile_bytes is not None})
     if sizes:
         setup = (
-            f"calibrated: per-channel sensitivity from the same {config.calibration_prompts} prompt(s) "
-            f"({CALIBRATION_DRAWS} draws), keys un-rotated; x@2048 and 'own' with the calibrated steps"
+            f"calibrated: per-head Fisher-weighted transform from the same {config.calibration_prompts} "
+            f"prompt(s) ({CALIBRATION_DRAWS} draws), keys un-rotated; x@2048 and 'own' with the same steps"
             if config.calibrated
             else "uncalibrated: the plain levels, keys as they are"
         )

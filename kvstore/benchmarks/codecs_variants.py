@@ -8,11 +8,12 @@ with its default parameters under its own name.
 
 cachegen is measured in its recommended setup (docs/codecs.md, "cachegen"),
 built in one place, :func:`cachegen_setup` (what is computed once from the
-model) and :func:`cachegen_codecs` (the codecs of one level): per-channel
-sensitivity calibrated on prompts other than the scored ones, keys
-un-rotated with the model's RoPE base, a shared per-model profile for
-256-token chunks and the same steps with inline tables for 2048-token
-chunks. ``--uncalibrated`` measures the plain levels instead.
+model) and :func:`cachegen_codecs` (the codecs of one level): a per-head
+Fisher-weighted transform calibrated on prompts other than the scored ones
+(``cachegen_transform``), keys un-rotated with the model's RoPE base, a
+shared per-model profile for 256-token chunks and the same steps with inline
+tables for 2048-token chunks. ``--uncalibrated`` measures the plain levels
+instead.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from kvstore.codecs import cachegen_params, lossless
 from kvstore.codecs.base import Codec, CodecParams, codec_names
 from kvstore.codecs.cachegen import CachegenCodec
 from kvstore.codecs.cachegen_bench import make_profile
-from kvstore.codecs.cachegen_calibrate import calibrate, rope_theta_of
+from kvstore.codecs.cachegen_calibrate import calibrate_heads, rope_theta_of
 from kvstore.codecs.cachegen_params import F64
 from kvstore.codecs.cachegen_profile import CachegenProfile
+from kvstore.codecs.cachegen_transform import HeadTransform, build_transform
 from kvstore.models import LoadedModel
 from kvstore.spec import KVSpec
 
@@ -116,16 +118,20 @@ def select(all_variants: list[Variant], keys: list[str] | None) -> list[Variant]
 class CachegenSetup:
     """What every cachegen level of a run shares, computed once from the model.
 
-    Invariants: ``sensitivity`` is None exactly when the run is uncalibrated
-    (then ``rope_theta`` is 0.0: keys coded as they are, the plain levels).
+    Invariants: ``sensitivity`` and ``transform`` are both None exactly when the
+    run is uncalibrated (then ``rope_theta`` is 0.0: keys coded as they are, the
+    plain levels). The recommended setup has a ``transform`` (its components'
+    steps are uniform, so no ``sensitivity``); a ``sensitivity`` alone is the
+    per-channel calibration (``cachegen_calibrate.calibrate``).
     """
 
     sensitivity: F64 | None
     rope_theta: float
+    transform: HeadTransform | None = None
 
     @property
     def calibrated(self) -> bool:
-        return self.sensitivity is not None
+        return self.sensitivity is not None or self.transform is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,17 +147,20 @@ class CachegenCodecs:
 def cachegen_setup(
     loaded: LoadedModel, prompts: Sequence[tuple[Sequence[int], Sequence[int]]], *, calibrated: bool = True
 ) -> CachegenSetup:
-    """The recommended setup: sensitivity from ``prompts`` (context, continuation) and the RoPE base.
+    """The recommended setup: the model's RoPE base and the per-head transform from the Fisher
+    information and covariance of ``prompts`` (context, continuation), keys un-rotated with it.
 
     ``prompts`` must not be the scored ones. Uncalibrated: neither (the plain levels).
 
     Raises:
-        InvalidInput: a calibration prompt too short (``cachegen_calibrate.calibrate``).
+        InvalidInput: a calibration prompt too short, or KV that is not ``kv_separate``
+            (``cachegen_calibrate.calibrate_heads``).
     """
     if not calibrated:
         return CachegenSetup(None, 0.0)
-    sensitivity = calibrate(loaded, prompts, draws=CALIBRATION_DRAWS)
-    return CachegenSetup(sensitivity, rope_theta_of(loaded))
+    theta = rope_theta_of(loaded)
+    stats = calibrate_heads(loaded, prompts, draws=CALIBRATION_DRAWS, rope_theta=theta)
+    return CachegenSetup(None, theta, build_transform(stats))
 
 
 def cachegen_codecs(
@@ -159,7 +168,7 @@ def cachegen_codecs(
 ) -> CachegenCodecs:
     """The profile (from 256-token chunks of ``kvs``, the calibration prompts' KV) and codecs of
     ``variant``'s level in ``setup`` (as ``cachegen_bench.measure_level`` builds them)."""
-    profile = make_profile(kvs, spec, variant.level, setup.sensitivity, setup.rope_theta)
+    profile = make_profile(kvs, spec, variant.level, setup.sensitivity, setup.rope_theta, setup.transform)
     params: dict[str, int | float | str | bool] = dict(variant.params)
     if setup.rope_theta:
         params["rope_theta"] = setup.rope_theta
