@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,11 @@ from kvstore.benchmarks.migrate_lab import Pair, ServeOptions, TransferResult
 from kvstore.benchmarks.netlab import NetLab, rate_bps, unavailable_reason
 from kvstore.keys import Namespace, prefix_keys
 from kvstore.quality import QualityReport
+from kvstore.service.migration.planner import CodecOption
+from kvstore.service.migration.transfer_codecs import ladder, measure
+
+if TYPE_CHECKING:
+    from kvstore.benchmarks.codecs_measure import StoredKVHarness
 
 HEADERS = ("payload", "rate", "raw", "chosen", "codecs chosen", "sent/raw", "speedup", "raw link use")
 
@@ -68,7 +74,7 @@ class SmolKV:
     """The SmolLM2 payload and the harness that scores what arrives."""
 
     payload: Payload
-    harness: object  # kvstore.benchmarks.codecs_measure.StoredKVHarness (imported lazily: torch model)
+    harness: StoredKVHarness
 
 
 def smollm_payload(config: MigrateBenchConfig) -> SmolKV:
@@ -100,16 +106,30 @@ def received_quality(pair: Pair, smol: SmolKV) -> QualityReport:
     if any(s is None for s in sizes):
         raise RuntimeError("the receiving daemon lost chunks before they could be scored")
     with torch_threads(2):
-        return smol.harness.evaluate_kv(chunks_to_kv(outs, p.ns.spec))  # type: ignore[attr-defined]
+        return smol.harness.evaluate_kv(chunks_to_kv(outs, p.ns.spec))
 
 
-def store_on_source(pair: Pair, payloads: Sequence[Payload]) -> None:
+def store_on_source(pair: Pair, payloads: Sequence[Payload], lower_tiers: bool, timeout_s: float = 300.0) -> None:
+    """Store every payload on A; with ``lower_tiers``, wait until A's lower tiers hold them too."""
     with pair.a.client() as kv:
         for p in payloads:
             kv.register(p.ns)
             for key, chunk in zip(p.keys, p.chunks):
                 if not kv.put(p.ns, key, chunk):
                     raise RuntimeError(f"daemon A refused a chunk of {p.name}")
+    want, end = sum(len(p.keys) for p in payloads), time.monotonic() + timeout_s
+    while lower_tiers:
+        tiers = pair.a.admin("GET", "/v1/stats")["tiers"]
+        if all(int(t["entries"]) >= want for t in tiers[1:]):
+            return
+        if time.monotonic() > end:
+            raise RuntimeError(f"daemon A's lower tiers did not take the chunks in {timeout_s} s: {tiers}")
+        time.sleep(0.2)
+
+
+def coder_speeds(p: Payload) -> list[CodecOption]:
+    """What the sending daemon measures before an auto push: every ladder codec on one chunk, here."""
+    return measure(ladder(), p.chunks[0], p.ns)
 
 
 def compare(pair: Pair, p: Payload, rate: str, config: MigrateBenchConfig) -> Comparison:
@@ -146,7 +166,11 @@ class DeadlineRun:
 
     @property
     def hit_rate(self) -> float:
-        return sum(bool(r.deadline_met) for r in self.results) / max(len(self.results), 1)
+        return self.rate_of(0, len(self.results))
+
+    def rate_of(self, start: int, stop: int) -> float:
+        part = self.results[start:stop]
+        return sum(bool(r.deadline_met) for r in part) / max(len(part), 1)
 
 
 def deadline_run(pair: Pair, lab: NetLab, p: Payload, config: MigrateBenchConfig) -> DeadlineRun:
@@ -155,8 +179,9 @@ def deadline_run(pair: Pair, lab: NetLab, p: Payload, config: MigrateBenchConfig
     half = f"{rate_bps(start) / 2 / 1e6:g}mbit"
     lab.set_rate(start)
     deadline = config.deadline_factor * p.nbytes * 8 / rate_bps(start)
-    pair.clear_target(p.ns, p.keys)
-    pair.transfer(p.ns, p.keys, "auto", deadline, config.window)  # untimed: the link estimate at this rate
+    for codec in ("raw", "auto"):  # untimed: the link estimate (kept per peer) moves to this rate
+        pair.clear_target(p.ns, p.keys)
+        pair.transfer(p.ns, p.keys, codec, deadline if codec == "auto" else None, config.window)
     results, middle = [], config.deadline_transfers // 2
     for i in range(config.deadline_transfers):
         pair.clear_target(p.ns, p.keys)
@@ -182,24 +207,26 @@ def bench_migrate(config: MigrateBenchConfig, workdir: Path) -> Report:
     options = ServeOptions(cpu_bytes=2 * room + (256 << 20), max_chunk_bytes=max(64 << 20, 2 * llama.chunks[0].size))
     source = ServeOptions(options.cpu_bytes, config.source_disk_bytes, config.source_tier_codecs,
                           options.max_chunk_bytes)  # fmt: skip
+    speeds = coder_speeds(smol.payload)
     comparisons: list[Comparison] = []
-    quality: QualityReport | None = None
+    quality: dict[str, QualityReport] = {}
     with NetLab(("a", "b"), rate=config.rates[0]) as lab:
         pair = Pair(lab, workdir, source, options, config.rtt_ms).start()
-        store_on_source(pair, payloads)
+        store_on_source(pair, payloads, lower_tiers=bool(config.source_disk_bytes))
         for rate in config.rates:
             lab.set_rate(rate)
             for p in payloads:
                 comparisons.append(compare(pair, p, rate, config))
-                if p is smol.payload and rate == config.rates[0]:
-                    quality = received_quality(pair, smol)
-                    say(f"quality of what arrived at {rate}: {quality.summary()}")
+                if p is smol.payload:
+                    quality[rate] = received_quality(pair, smol)
+                    say(f"quality of what arrived at {rate}: {quality[rate].summary()}")
         deadlines = deadline_run(pair, lab, smol.payload, config) if config.deadline_transfers else None
-    return build_report(config, comparisons, quality, deadlines, load_before)
+    return build_report(config, comparisons, quality, deadlines, speeds, load_before)
 
 
-def build_report(config: MigrateBenchConfig, comparisons: Sequence[Comparison], quality: QualityReport | None,
-                 deadlines: DeadlineRun | None, load_before: tuple[float, float, float]) -> Report:
+def build_report(config: MigrateBenchConfig, comparisons: Sequence[Comparison], quality: dict[str, QualityReport],
+                 deadlines: DeadlineRun | None, speeds: Sequence[CodecOption],
+                 load_before: tuple[float, float, float]) -> Report:
     report = Report(headers=HEADERS)
     for c in comparisons:
         report.row(c.payload, c.rate, f"{c.raw_s:.3f} s", f"{c.chosen_s:.3f} s", c.codecs(), f"{c.sent_ratio:.2f}",
@@ -214,13 +241,20 @@ def build_report(config: MigrateBenchConfig, comparisons: Sequence[Comparison], 
         report.record(f"setup_ms_{tag}", round(c.setup_s * 1e3, 2))
     llama = [c for c in comparisons if not c.payload.startswith("smollm2")]
     report.record("raw_link_utilisation", round(min(c.utilisation for c in llama or comparisons), 4))
-    first = _tag(config.rates[0])
-    if quality is not None:
-        report.record(f"ppl_delta_{first}", round(quality.ppl_delta, 5))
-        report.record(f"top1_{first}", round(quality.top1_agreement, 5))
-        report.record(f"kl_{first}", round(quality.kl_mean, 6))
+    for rate, q in quality.items():
+        report.record(f"ppl_delta_{_tag(rate)}", round(q.ppl_delta, 5))
+        report.record(f"top1_{_tag(rate)}", round(q.top1_agreement, 5))
+        report.record(f"kl_{_tag(rate)}", round(q.kl_mean, 6))
+    for o in speeds:
+        label = o.label.replace("-", "")
+        report.record(f"coder_{label}_ratio", round(o.ratio, 3))
+        report.record(f"coder_{label}_encode_mbps", round(o.encode_bytes_per_s / 1e6, 1))
+        report.record(f"coder_{label}_decode_mbps", round(o.decode_bytes_per_s / 1e6, 1))
     if deadlines is not None:
         report.record("deadline_hit_rate", round(deadlines.hit_rate, 4))
+        report.record("deadline_hit_rate_before_halving", round(deadlines.rate_of(0, deadlines.halved_at), 4))
+        report.record("deadline_hit_rate_after_halving",
+                      round(deadlines.rate_of(deadlines.halved_at, len(deadlines.results)), 4))  # fmt: skip
         report.record("deadline_transfers", len(deadlines.results))
         report.record("deadline_s", round(deadlines.deadline_s, 4))
         report.record("deadline_elapsed_p50_s", round(statistics.median(r.elapsed_s for r in deadlines.results), 4))
@@ -235,8 +269,11 @@ def build_report(config: MigrateBenchConfig, comparisons: Sequence[Comparison], 
     report.note("times: from the admin request on the sender until the receiver acknowledged (checked and "
                 "stored) every chunk; medians of the repeats; setup = a transfer the receiver already holds")
     report.note(f"chosen: codec auto with a deadline of {config.speed_deadline_factor} x the raw ideal time")
-    if quality is not None:
-        report.note(f"received SmolLM2 KV at {config.rates[0]}: {quality.summary()}")
+    for rate, q in quality.items():
+        report.note(f"received SmolLM2 KV at {rate}: {q.summary()}")
+    report.note("coders on one SmolLM2 chunk, one thread, this machine: " + "; ".join(
+        f"{o.label} x{o.ratio:.2f} enc {o.encode_bytes_per_s / 1e6:.0f} dec {o.decode_bytes_per_s / 1e6:.0f} MB/s"
+        for o in speeds if o.codec != "raw"))
     if deadlines is not None:
         report.note(f"deadline run: {deadlines.hit_rate:.0%} of {len(deadlines.results)} met "
                     f"{deadlines.deadline_s:.3f} s; codecs {_codec_mix(deadlines.results)}")  # fmt: skip

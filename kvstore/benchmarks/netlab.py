@@ -282,8 +282,8 @@ class HttpReply:
 
 
 def call_host(host: str, port: int, method: str, path: str,
-              body: bytes | Mapping[str, Any] | list[Any] | None = None, token: str | None = None, headers: Mapping[str, str] | None = None,
-              timeout: float = 30.0) -> HttpReply:
+              body: bytes | Mapping[str, Any] | list[Any] | None = None, token: str | None = None,
+              headers: Mapping[str, str] | None = None, timeout: float = 30.0) -> HttpReply:
     """One HTTP request to ``host:port`` (a mapping body is sent as JSON, with a bearer ``token``)."""
     raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     hdrs = dict(headers or {})

@@ -75,18 +75,34 @@ class LinkEstimator:
 
 
 class AckClock:
-    """Turns (sent at, acknowledged at) of pipelined chunks into link-time samples."""
+    """Turns (sent at, acknowledged at) of pipelined chunks into link-time samples.
 
-    def __init__(self, estimator: LinkEstimator) -> None:
+    A chunk sent while the link sat idle (a slow coder left gaps between
+    chunks) waited from its send to its acknowledgement for more than the
+    link: the round trip of a request without payload (``rtt_s``) and the
+    peer's work on it (``busy_s``: decoding). Neither is link time, so both
+    are taken out of such a sample (keeping at least a quarter of it);
+    otherwise a transfer of small compressed chunks would measure its round
+    trips, underestimate the link and keep choosing lossier codecs.
+    """
+
+    def __init__(self, estimator: LinkEstimator, rtt_s: float = 0.0) -> None:
+        if rtt_s < 0:
+            raise InvalidInput("rtt_s must be >= 0")
         self.estimator = estimator
+        self.rtt_s = rtt_s
         self._last_ack: float | None = None
 
-    def acked(self, nbytes: int, sent_at: float, now: float | None = None) -> None:
+    def acked(self, nbytes: int, sent_at: float, now: float | None = None, busy_s: float = 0.0) -> None:
         now = time.monotonic() if now is None else now
-        start = sent_at if self._last_ack is None else max(sent_at, self._last_ack)
+        idle = self._last_ack is None or sent_at >= self._last_ack
+        start = sent_at if idle or self._last_ack is None else self._last_ack
         self._last_ack = now
-        if now > start:
-            self.estimator.observe(nbytes, now - start)
+        seconds = now - start
+        if idle:
+            seconds = max(seconds - self.rtt_s - max(busy_s, 0.0), seconds / 4)
+        if seconds > 0:
+            self.estimator.observe(nbytes, seconds)
 
 
 class LinkTable:

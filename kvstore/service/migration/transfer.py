@@ -18,6 +18,7 @@ tenant (or the peer must run without tokens).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -143,9 +144,13 @@ async def _push_once(client: AsyncClient, store: TieredStore, req: TransferReque
     ns = await _peer_namespace(client, req.namespace)
     # keys acknowledged before are asked again: a peer that restarted may have lost them
     left = [k for k in req.keys if k not in progress.missing]
+    rtt = math.inf  # the quickest HAVE: a round trip without payload, for the ack clock
     for i in range(0, len(left), HAVE_BATCH):
         part = left[i : i + HAVE_BATCH]
-        for key, present in zip(part, await client.have(ns, part)):
+        asked = time.monotonic()
+        held = await client.have(ns, part)
+        rtt = min(rtt, time.monotonic() - asked)
+        for key, present in zip(part, held):
             if present:
                 progress.skipped(key)
             else:
@@ -153,7 +158,7 @@ async def _push_once(client: AsyncClient, store: TieredStore, req: TransferReque
     todo = [k for k in left if k not in progress.done]
     await handoff_push.announce(client, ns, todo, req.announce_ttl_s)
     started = time.monotonic() - progress.elapsed_s
-    clock, inflight = AckClock(link), set[asyncio.Task[None]]()
+    clock, inflight = AckClock(link, rtt if math.isfinite(rtt) else 0.0), set[asyncio.Task[None]]()
     try:
         for n, key in enumerate(todo):
             while len(inflight) >= req.window:
@@ -163,7 +168,7 @@ async def _push_once(client: AsyncClient, store: TieredStore, req: TransferReque
                 progress.absent(key)
                 await handoff_push.withdraw(client, ns, [key], req.announce_ttl_s)
                 continue
-            choice = _plan(req, progress, link, raw.size * (len(todo) - n), started)
+            choice = _plan(req, progress, link, raw.size * (len(todo) - n), started, clock.rtt_s)
             data = await asyncio.to_thread(payload, store, ns, key, raw, choice.option)
             raw_sum = checksum(raw) if choice.option.codec in LOSSLESS else None
             task = asyncio.create_task(_send(client, ns, key, raw.size, data, choice.option, raw_sum, req, progress,
@@ -178,9 +183,10 @@ async def _push_once(client: AsyncClient, store: TieredStore, req: TransferReque
 
 
 def _plan(req: TransferRequest, progress: TransferProgress, link: LinkEstimator, bytes_left: int,
-          started: float) -> Plan:
+          started: float, rtt_s: float = 0.0) -> Plan:
+    """The planner's choice for the next chunk; the last acknowledgement's round trip is not link time."""
     options = req.codec_options or (CodecOption("raw", "raw"),)
-    time_left = None if req.deadline_s is None else req.deadline_s - (time.monotonic() - started)
+    time_left = None if req.deadline_s is None else req.deadline_s - (time.monotonic() - started) - rtt_s
     est = link.estimate.bytes_per_s
     choice = plan(options, PlanInput(bytes_left, time_left, est, req.recompute_s))
     progress.estimate_bytes_per_s = est
@@ -209,7 +215,7 @@ async def _send(client: AsyncClient, ns: Namespace, key: ChunkKey, raw_size: int
                 raise TransferFailed(f"chunk {key.hex()} arrived corrupt {attempt + 1} times: {exc}") from exc
             progress.resent += 1
             continue
-        clock.acked(len(data), sent_at)
+        clock.acked(len(data), sent_at, busy_s=result.decode_s)
         progress.estimate_bytes_per_s = link.estimate.bytes_per_s
         if result.stored[0]:
             progress.sent(ChunkSent(key, option.label, raw_size, len(data)))
