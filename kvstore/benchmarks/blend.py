@@ -14,7 +14,9 @@ figure                      how
 ==========================  =====================================================
 KL, top-1 agreement         next-token distributions over the prompt's last
                             token and ``--answer-tokens`` teacher-forced tokens
-                            of the FAQ answer (decoded from the blended cache)
+                            of the FAQ answer (decoded from the blended cache),
+                            pooled over the prompts; ``top1_min_rX`` /
+                            ``top1_max_rX``: the spread of the per-prompt top-1
 ``kl_ratio_rX``             KL at r over KL at r = 0 (full reuse, the floor)
 TTFT, ``ttft_speedup_rX``   full prefill time / (store fetch + blend) time,
                             medians, interleaved round by round
@@ -77,13 +79,13 @@ class BlendBenchConfig:
         q = bool(args.quick)
         passages = quick_default(args.passages, 6, 4, q)
         return cls(
-            prompts=quick_default(args.prompts, 4, 2, q),
+            prompts=quick_default(args.prompts, 8, 2, q),
             passages=passages,
             pool=quick_default(args.pool, passages + 2, passages + 1, q),
             passage_tokens=quick_default(args.passage_tokens, 512, 256, q),
             answer_tokens=quick_default(args.answer_tokens, 64, 64, q),
-            iters=quick_default(args.iters, 3, 1, q),
-            warmup=quick_default(args.warmup, 1, 0, q),
+            iters=quick_default(args.iters, 1, 1, q),
+            warmup=quick_default(args.warmup, 0, 0, q),
             threads=args.threads,
             seed=args.seed,
         )
@@ -91,8 +93,8 @@ class BlendBenchConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``kvstore bench blend``."""
-    add_common_arguments(parser, iters=3, warmup=1, quick_iters=1, quick_warmup=0)
-    parser.add_argument("--prompts", type=positive_int, help="RAG prompts (default 4; --quick 2)")
+    add_common_arguments(parser, iters=1, warmup=0, quick_iters=1, quick_warmup=0)
+    parser.add_argument("--prompts", type=positive_int, help="RAG prompts (default 8; --quick 2)")
     parser.add_argument("--passages", type=positive_int, help="passages per prompt (default 6; --quick 4)")
     parser.add_argument("--pool", type=positive_int, help="distinct passages drawn from (default passages+2)")
     parser.add_argument("--passage-tokens", type=positive_int, help="tokens per passage (default 512; --quick 256)")

@@ -47,6 +47,7 @@ class Tally:
     agree: int = 0
     tokens: int = 0
     recomputed: list[float] = field(default_factory=list)
+    per_prompt_top1: list[float] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
 
 
@@ -116,8 +117,10 @@ def _one_prompt(
                     rest = model(input_ids=torch.tensor([prompt.answer[:-1]]), past_key_values=result.cache(model.config))
                     lp = torch.log_softmax(torch.cat([result.logits[None], rest.logits[0]]), -1)
                 tally.kl_sum += float((ref_lp.exp() * (ref_lp - lp)).sum())
-                tally.agree += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+                agree = int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+                tally.agree += agree
                 tally.tokens += int(lp.shape[0])
+                tally.per_prompt_top1.append(agree / int(lp.shape[0]))
                 tally.recomputed.append(result.recomputed_reused_fraction)
 
 
@@ -142,11 +145,14 @@ def _report(cfg: BlendBenchConfig, prompts: list[RagPrompt], tallies: dict[float
         figures: tuple[tuple[str, float | None], ...] = ((f"kl_{sfx}", round(kl, 5)), (f"top1_{sfx}", round(top1, 4)),
                            (f"kl_ratio_{sfx}", round(kl / floor, 4) if floor > 0 else None),
                            (f"ttft_{sfx}_ms", round(ttft * 1e3, 1)), (f"ttft_speedup_{sfx}", round(full / ttft, 3)),
-                           (f"recomputed_{sfx}", round(statistics.mean(t.recomputed), 4)))
+                           (f"recomputed_{sfx}", round(statistics.mean(t.recomputed), 4)),
+                           (f"top1_min_{sfx}", round(min(t.per_prompt_top1), 4)),
+                           (f"top1_max_{sfx}", round(max(t.per_prompt_top1), 4)))
         for key, figure in figures:
             report.record(key, figure)
         ratio = f"{kl / floor:.3f}" if floor > 0 else "-"
-        report.row(f"r={r:g}: KL {kl:.4f} (x{ratio} of r=0), top-1 {top1:.1%}",
+        spread = f"{min(t.per_prompt_top1):.1%}-{max(t.per_prompt_top1):.1%}"
+        report.row(f"r={r:g}: KL {kl:.4f} (x{ratio} of r=0), top-1 {top1:.1%} (per prompt {spread})",
                    f"TTFT {ttft * 1e3:.0f} ms", f"full prefill {full * 1e3:.0f} ms", f"{full / ttft:.2f}x",
                    f"ttft_speedup_{sfx}")
     report.record("monotonic", all(a >= b for a, b in pairwise(kls)) and all(a <= b for a, b in pairwise(tops)))

@@ -25,22 +25,34 @@ if TYPE_CHECKING:
     from kvstore.tiers.store import TieredStore
 
 
-def compute_passage_kv(model: PreTrainedModel, tokens: Sequence[int], start_position: int = 0) -> PassageKV:
-    """The passage's KV computed on its own at ``start_position ..`` (float32, chunk layout).
+def compute_passage_kv(
+    model: PreTrainedModel, tokens: Sequence[int], start_position: int = 0, prefix: Sequence[int] = ()
+) -> PassageKV:
+    """The passage's KV computed on its own (float32, chunk layout).
+
+    With no ``prefix`` the passage sits at positions ``start_position ..`` with
+    nothing before it. With a ``prefix`` (e.g. the opening token every prompt
+    starts with), ``prefix + tokens`` is computed at ``start_position ..`` and
+    only the passage's own tokens' KV is kept, at the positions it was computed
+    at (``start_position + len(prefix) ..``): the passage's first tokens then
+    attend to the prefix's attention sink as they will in a prompt, instead of
+    becoming sinks themselves.
 
     Raises:
         InvalidInput: no tokens, or a negative start position.
     """
     ids = [int(t) for t in tokens]
+    pre = [int(t) for t in prefix]
     if not ids:
         raise InvalidInput("a passage needs at least one token")
     if start_position < 0:
         raise InvalidInput(f"start_position must be >= 0, got {start_position}")
     with torch.inference_mode():
-        positions = torch.arange(start_position, start_position + len(ids)).reshape(1, -1)
-        out = model(input_ids=torch.tensor([ids]), position_ids=positions, use_cache=True, logits_to_keep=1)
-        kv = cache_to_chunk(out.past_key_values, dtype=torch.float32)
-    return PassageKV(tuple(ids), kv, start_position)
+        n = len(pre) + len(ids)
+        positions = torch.arange(start_position, start_position + n).reshape(1, -1)
+        out = model(input_ids=torch.tensor([pre + ids]), position_ids=positions, use_cache=True, logits_to_keep=1)
+        kv = cache_to_chunk(out.past_key_values, len(pre), dtype=torch.float32)
+    return PassageKV(tuple(ids), kv, start_position + len(pre))
 
 
 class PassageCache:

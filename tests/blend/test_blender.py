@@ -124,6 +124,34 @@ def test_ratio_015_beats_full_reuse_on_a_real_prompt(rag: tuple[list[object], li
     assert kls[0.15] < kls[0.0] / 2, kls
 
 
+def test_passage_computed_behind_a_prefix(rag: tuple[list[object], list[int]]) -> None:
+    lm = require_model()
+    segs, answer = rag
+    head, first, *rest = segs
+    # behind the prompt's own head, the first passage's KV is exactly the full prefill's at its positions
+    behind = compute_passage_kv(lm.model, first.tokens, prefix=head)  # type: ignore[union-attr, arg-type]
+    assert behind.start_position == len(head)  # type: ignore[arg-type]
+    assert behind.kv.shape == first.kv.shape  # type: ignore[union-attr]
+    with torch.inference_mode():
+        ref = lm.model(input_ids=torch.tensor([prompt_ids(segs)]), use_cache=True).past_key_values.layers
+    n = len(first)  # type: ignore[arg-type]
+    for i in (0, 29):
+        torch.testing.assert_close(behind.kv[i, 0], ref[i].keys[0, :, len(head) : len(head) + n].transpose(0, 1),
+                                   atol=2e-4, rtol=1e-4)
+    # behind the opening token only: no passage opening becomes an attention sink, so full reuse errs less
+    ids, answer = prompt_ids(segs), answer[:16]  # type: ignore[arg-type]
+    want = full_logits(lm, ids, answer)
+    passages = [first, *rest[:-1]]
+    bos = [compute_passage_kv(lm.model, p.tokens, prefix=head[:1]) for p in passages]  # type: ignore[union-attr, index]
+    kls = []
+    for s in (segs, [head, *bos, rest[-1]]):
+        result = Blender(lm.model, BlendConfig(ratio=0.0)).blend(s)  # type: ignore[arg-type]
+        with torch.inference_mode():
+            more = lm.model(input_ids=torch.tensor([answer[:-1]]), past_key_values=result.cache(lm.model.config))
+        kls.append(kl(want, torch.cat([result.logits[None], more.logits[0]])))
+    assert kls[1] < kls[0], kls
+
+
 def test_passages_found_by_content_through_a_tiered_store() -> None:
     lm = require_model()
     ns = Namespace("blend-test", lm.spec)  # bfloat16 storage
