@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,9 +27,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc,
     b.stop()
 
 
-def migrate(*args: str) -> subprocess.CompletedProcess[str]:
+def migrate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kvstore.cli", "migrate", *args], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+                          timeout=120, env=None if env is None else {**os.environ, **env})  # fmt: skip
 
 
 def test_migrate_moves_a_namespace_with_plain_progress_lines(pair: tuple[DaemonProc, DaemonProc]) -> None:
@@ -50,9 +51,10 @@ def test_migrate_a_key_list(pair: tuple[DaemonProc, DaemonProc]) -> None:
     a, b = pair
     keys, chunks = float_chunks(NS, 3, seed=31)
     store_chunks(a.port, TOKEN_A, NS, keys, chunks)
-    r = migrate("--source", f"http://127.0.0.1:{a.admin_port}", "--token", TOKEN_A, "--peer",
-                f"kvstore://127.0.0.1:{b.port}", "--peer-token", TOKEN_A, "--namespace", NS.id.hex(),
-                "--keys", ",".join(k.hex() for k in keys[:2]), "--codec", "lossless")  # fmt: skip
+    # tokens from the environment, not the command line
+    r = migrate("--source", f"http://127.0.0.1:{a.admin_port}", "--peer", f"kvstore://127.0.0.1:{b.port}",
+                "--namespace", NS.id.hex(), "--keys", ",".join(k.hex() for k in keys[:2]), "--codec", "lossless",
+                env={"KVSTORE_SOURCE_TOKEN": TOKEN_A, "KVSTORE_PEER_TOKEN": TOKEN_A})  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "lossless x2" in r.stdout
     assert read_chunks(b.port, TOKEN_A, NS, keys, NS.chunk_nbytes) == [c.tobytes() for c in chunks[:2]] + [None]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -28,9 +29,12 @@ BAR = 30
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, help="admin URL of the daemon holding the chunks (http://host:port)")
-    p.add_argument("--token", default=None, help="bearer token for the source's admin API")
+    p.add_argument("--token", default=os.environ.get("KVSTORE_SOURCE_TOKEN"),
+                   help="bearer token for the source's admin API (default: $KVSTORE_SOURCE_TOKEN; "
+                        "the environment keeps it out of the process list)")
     p.add_argument("--peer", required=True, help="data-plane URL of the destination (kvstore:// or kvstores://)")
-    p.add_argument("--peer-token", default=None, help="bearer token for the destination (the namespace's tenant)")
+    p.add_argument("--peer-token", default=os.environ.get("KVSTORE_PEER_TOKEN"),
+                   help="bearer token for the destination, the namespace's tenant (default: $KVSTORE_PEER_TOKEN)")
     p.add_argument("--namespace", required=True, help="namespace id (64 hex digits)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every chunk of the namespace the source holds")
