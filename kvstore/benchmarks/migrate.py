@@ -59,8 +59,13 @@ class MigrateBenchConfig:
         deadline_transfers: transfers of the deadline run.
         deadline_factor: their deadline, times the ideal time at the starting rate.
         window: chunks in flight per transfer.
-        source_tier_codecs: ``--tier-codecs`` of the sending daemon ("" for none).
+        source_tier_codecs: ``--tier-codecs`` of the sending daemon ("" for none); its chunks are
+            written through to the disk tier before the timing starts, so they are held encoded.
         source_disk_bytes: the sending daemon's disk tier (0: none).
+        target_tier_codecs: ``--tier-codecs`` of the receiving daemon ("" for none); containers of
+            that codec and params are stored as they arrive, without decoding.
+        target_disk_bytes: the receiving daemon's disk tier (0: none); it runs write-back, so
+            chunks that arrive raw are not encoded for the disk in the background.
         seed: seed of the prompt draw and of the synthetic chunks.
         show_progress: progress lines on stderr.
     """
@@ -76,8 +81,10 @@ class MigrateBenchConfig:
     deadline_transfers: int = 100
     deadline_factor: float = 1.5
     window: int = 4
-    source_tier_codecs: str = ""
-    source_disk_bytes: int = 0
+    source_tier_codecs: str = "disk=cachegen"
+    source_disk_bytes: int = 1 << 30
+    target_tier_codecs: str = "disk=cachegen"
+    target_disk_bytes: int = 1 << 30
     seed: int = 0
     show_progress: bool = True
 
@@ -114,6 +121,8 @@ class MigrateBenchConfig:
             window=args.window,
             source_tier_codecs=args.source_tier_codecs,
             source_disk_bytes=args.source_disk_bytes,
+            target_tier_codecs=args.target_tier_codecs,
+            target_disk_bytes=args.target_disk_bytes,
             seed=args.seed,
             show_progress=not args.no_progress,
         )
@@ -137,10 +146,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline-factor", type=positive_float, default=1.5,
                         help="their deadline, x the ideal time at the starting rate (default 1.5)")
     parser.add_argument("--window", type=positive_int, default=4, help="chunks in flight (default 4)")
-    parser.add_argument("--source-tier-codecs", default="",
-                        help="--tier-codecs of the sending daemon, e.g. disk=quant:bits=4 (default none)")
-    parser.add_argument("--source-disk-bytes", type=nonnegative_int, default=0,
-                        help="disk tier of the sending daemon in bytes (default 0: none)")
+    parser.add_argument("--source-tier-codecs", default="disk=cachegen",
+                        help="--tier-codecs of the sending daemon (default disk=cachegen; '' for none)")
+    parser.add_argument("--source-disk-bytes", type=nonnegative_int, default=1 << 30,
+                        help="disk tier of the sending daemon in bytes (default 1 GiB; 0: none)")
+    parser.add_argument("--target-tier-codecs", default="disk=cachegen",
+                        help="--tier-codecs of the receiving daemon (default disk=cachegen; '' for none)")
+    parser.add_argument("--target-disk-bytes", type=nonnegative_int, default=1 << 30,
+                        help="disk tier of the receiving daemon in bytes (default 1 GiB; 0: none)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,12 +46,14 @@ class ServeOptions:
         disk_bytes: disk tier budget; 0 runs without a disk tier.
         tier_codecs: ``--tier-codecs`` (e.g. ``disk=quant:bits=4``), or "" for none.
         max_chunk_bytes: ``--max-chunk-bytes``.
+        write_mode: ``--write-mode`` ("" for the daemon's default, write-through).
     """
 
     cpu_bytes: int = 1 << 30
     disk_bytes: int = 0
     tier_codecs: str = ""
     max_chunk_bytes: int = 64 << 20
+    write_mode: str = ""
 
 
 class LabServe:
@@ -75,6 +77,8 @@ class LabServe:
             argv += ["--no-disk"]
         if options.tier_codecs:
             argv += ["--tier-codecs", options.tier_codecs]
+        if options.write_mode:
+            argv += ["--write-mode", options.write_mode]
         self.argv = argv
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -127,9 +127,10 @@ def store_on_source(pair: Pair, payloads: Sequence[Payload], lower_tiers: bool, 
         time.sleep(0.2)
 
 
-def coder_speeds(p: Payload) -> list[CodecOption]:
+def coder_speeds(p: Payload, config: MigrateBenchConfig) -> list[CodecOption]:
     """What the sending daemon measures before an auto push: every ladder codec on one chunk, here."""
-    return measure(ladder(), p.chunks[0], p.ns)
+    held = config.source_disk_bytes and "disk=cachegen" in config.source_tier_codecs
+    return measure(ladder({"level": 1} if held else None), p.chunks[0], p.ns)
 
 
 def compare(pair: Pair, p: Payload, rate: str, config: MigrateBenchConfig) -> Comparison:
@@ -204,10 +205,12 @@ def bench_migrate(config: MigrateBenchConfig, workdir: Path) -> Report:
     llama = llama_payload(config.llama_chunks, config.llama_chunk_tokens, config.seed)
     payloads = [smol.payload, llama]
     room = sum(p.nbytes for p in payloads)
-    options = ServeOptions(cpu_bytes=2 * room + (256 << 20), max_chunk_bytes=max(64 << 20, 2 * llama.chunks[0].size))
-    source = ServeOptions(options.cpu_bytes, config.source_disk_bytes, config.source_tier_codecs,
-                          options.max_chunk_bytes)  # fmt: skip
-    speeds = coder_speeds(smol.payload)
+    cpu, largest = 2 * room + (256 << 20), max(64 << 20, 2 * llama.chunks[0].size)
+    options = ServeOptions(cpu, config.target_disk_bytes, config.target_tier_codecs if config.target_disk_bytes else "",
+                           largest, "write_back" if config.target_disk_bytes else "")  # fmt: skip
+    source = ServeOptions(cpu, config.source_disk_bytes, config.source_tier_codecs if config.source_disk_bytes else "",
+                          largest)  # fmt: skip
+    speeds = coder_speeds(smol.payload, config)
     comparisons: list[Comparison] = []
     quality: dict[str, QualityReport] = {}
     with NetLab(("a", "b"), rate=config.rates[0]) as lab:
@@ -269,6 +272,9 @@ def build_report(config: MigrateBenchConfig, comparisons: Sequence[Comparison], 
     report.note("times: from the admin request on the sender until the receiver acknowledged (checked and "
                 "stored) every chunk; medians of the repeats; setup = a transfer the receiver already holds")
     report.note(f"chosen: codec auto with a deadline of {config.speed_deadline_factor} x the raw ideal time")
+    report.note(f"sender tiers: {config.source_tier_codecs or 'raw'} (chunks written through before timing); "
+                f"receiver tiers: {config.target_tier_codecs or 'raw'} (write-back; matching containers stored "
+                "as they arrive, decoded on read)")
     for rate, q in quality.items():
         report.note(f"received SmolLM2 KV at {rate}: {q.summary()}")
     report.note("coders on one SmolLM2 chunk, one thread, this machine: " + "; ".join(

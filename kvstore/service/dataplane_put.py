@@ -23,7 +23,6 @@ import numpy as np
 import xxhash
 
 from kvstore.checksum import checksum
-from kvstore.codecs.container import unpack
 from kvstore.errors import ChunkCorrupt, ChunkTooLarge, InvalidInput, LeaseError
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.service.dataplane_core import Reply, Result
@@ -31,6 +30,7 @@ from kvstore.service.dataplane_handlers import Ctx
 from kvstore.service.dataplane_reader import BytesSink, SegmentSink, Sink
 from kvstore.service.dataplane_session import Reservation, Slot
 from kvstore.service.dataplane_store import StoreAccess
+from kvstore.service.dataplane_xput import XPutRequest, checked, decoded, put_encoded, stores_of
 from kvstore.service.protocol import (
     CHECKSUM_BYTES,
     MAX_CODEC_NAME,
@@ -293,26 +293,18 @@ def shm_commit(ctx: Ctx, h: dict[str, Any], payload: bytes | None) -> Result:
 
 # -- transfers between daemons (HAVE, XPUT) ------------------------------------------------
 def have(ctx: Ctx, h: dict[str, Any], payload: bytes | None) -> Result:
-    """Which of the keys this namespace holds in any tier (a transfer resumes with the rest)."""
+    """Which of the keys this namespace holds in any tier (a transfer resumes with the rest).
+
+    ``stores`` lists the codec and container params each of the namespace's encoded tiers
+    writes for a full chunk: an XPUT container with exactly those is stored as it is.
+    """
     ns, keys, access = ctx.namespace(h), [ChunkKey(k) for k in field_keys(h)], ctx.core.access
 
     def run() -> Reply:
-        return Reply({"present": [access.owned(ns, k) and access.store.contains(ns, k) for k in keys]})
+        present = [access.owned(ns, k) and access.store.contains(ns, k) for k in keys]
+        return Reply({"present": present, "stores": stores_of(access, ns)})
 
     return ctx.core.offload(run) if access.layered else run()
-
-
-@dataclass(frozen=True, slots=True)
-class XPutRequest:
-    """An XPUT's validated header: per chunk its wire size, wire checksum, codec and raw checksum."""
-
-    ns: Namespace
-    keys: list[ChunkKey]
-    sizes: list[int]
-    checksums: list[bytes]
-    codecs: list[str]
-    raw_checksums: list[bytes | None]
-    cost: float
 
 
 def parse_xput(ctx: Ctx, h: dict[str, Any], payload_len: int) -> XPutRequest:
@@ -345,9 +337,12 @@ def xput(ctx: Ctx, h: dict[str, Any], payload: bytes | None) -> Result:
 
     Every chunk is checked before anything is stored: the bytes that arrived
     against their checksum (else CHECKSUM: resend), a container's own checks
-    and spec (another spec than the namespace's is BAD_REQUEST), the decoded
-    size (whole tokens) and, where the sender gave one, the decoded bytes'
-    checksum. Decoding runs on the worker threads.
+    (every section's checksum) and spec (another spec than the namespace's is
+    BAD_REQUEST), its size (whole tokens) and, where the sender gave one and
+    the chunk is decoded here, the decoded bytes' checksum. A container that
+    one of the namespace's encoded tiers writes exactly so (codec and params)
+    is stored there as it is, without decoding (``encoded[i]`` in the reply);
+    the others are decoded, on the worker threads, and stored raw.
     """
     req = parse_xput(ctx, h, len(payload or b""))
     data = memoryview(payload or b"")
@@ -360,37 +355,18 @@ def xput(ctx: Ctx, h: dict[str, Any], payload: bytes | None) -> Result:
 
     def run() -> Reply:
         t0 = time.perf_counter()
-        raws = [_decoded(access, req, i, p) for i, p in enumerate(parts)]
+        ready = [checked(access, req, i, p) for i, p in enumerate(parts)]
         decode_s = time.perf_counter() - t0
-        stored = [access.put_copy(req.ns, k, r, req.cost) for k, r in zip(req.keys, raws)]
-        return Reply({"stored": stored, "decode_s": decode_s})
+        stored, encoded = [], []
+        for i, (key, chunk) in enumerate(zip(req.keys, ready)):
+            ok = chunk.tier is not None and put_encoded(access, req, i, chunk)
+            raw = chunk.data
+            if chunk.tier is not None and not ok:  # the tier could not take it: decode, store raw
+                t1 = time.perf_counter()
+                raw = decoded(access, req, i, chunk.data)
+                decode_s += time.perf_counter() - t1
+            stored.append(ok or access.put_copy(req.ns, key, raw, req.cost))
+            encoded.append(ok)
+        return Reply({"stored": stored, "encoded": encoded, "decode_s": decode_s})
 
     return ctx.core.offload(run)
-
-
-def _decoded(access: StoreAccess, req: XPutRequest, i: int, part: np.ndarray[Any, np.dtype[np.uint8]]) -> Any:
-    """Chunk ``i`` as raw KV of the namespace, checked (see :func:`xput`)."""
-    ns, codec = req.ns, req.codecs[i]
-    if codec == "raw":
-        raw = part
-    else:
-        container = unpack(part)  # every section checked against its own checksum
-        if container.codec != codec:
-            raise InvalidInput(f"chunk {i} is a {container.codec!r} container, the header says {codec!r}")
-        if container.spec != ns.spec:
-            raise InvalidInput(
-                f"chunk {i} holds KV of another spec ({container.spec.model.name}, {container.spec.dtype}, "
-                f"{container.spec.num_layers} layers) than the namespace's ({ns.spec.model.name}, "
-                f"{ns.spec.dtype}, {ns.spec.num_layers} layers); nothing was stored"
-            )
-        raw = np.empty(container.layout.nbytes, dtype=np.uint8)
-        access.store.codecs.decode_into(ns, part, raw)
-    if raw.size % ns.spec.bytes_per_token or raw.size == 0:
-        raise InvalidInput(
-            f"chunk {i} decodes to {raw.size} bytes, not a whole number of tokens "
-            f"({ns.spec.bytes_per_token} bytes each) of the namespace's KV"
-        )
-    want = req.raw_checksums[i]
-    if want is not None and checksum(raw) != want:
-        raise ChunkCorrupt(f"chunk {i} decoded to bytes that fail the sender's checksum; nothing was stored")
-    return raw

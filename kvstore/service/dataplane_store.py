@@ -118,7 +118,7 @@ class StoreAccess:
             if got is None:
                 return None
             try:
-                return unpack(got[0], verify=False).nbytes
+                return unpack(got[0], verify=False).layout.nbytes
             except CodecError:
                 return None
         return None

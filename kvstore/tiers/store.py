@@ -28,6 +28,7 @@ from kvstore.tiers.base import ChunkMeta, Tier
 from kvstore.tiers.leases import LeaseId, LeaseTable
 from kvstore.tiers.memory import MemoryTier
 from kvstore.tiers.namespace_catalog import NamespaceCatalog
+from kvstore.tiers.store_encoded import EncodedPuts
 from kvstore.tiers.store_types import LookupResult, StoreConfig, StoreStats
 
 __all__ = ["LookupResult", "StoreConfig", "StoreStats", "TieredStore"]
@@ -93,6 +94,7 @@ class TieredStore:
         if unknown:
             raise InvalidInput(f"codecs name tiers that are not below the top tier: {sorted(unknown)}")
         self.codecs = TierCodecs(config.codecs)
+        self.encoded = EncodedPuts(self)  # containers stored as they arrived (store_encoded.py)
         self._writer = BackgroundWriter(
             self.tiers, self._stored, config.queue_depth, config.queue_timeout_s, self._prepare
         )
@@ -281,6 +283,7 @@ class TieredStore:
         self.index.discard(key, tier)
         if key not in self.index:
             self.chunk_caches.discard(key)
+            self.encoded.discard(key)
         if self._events is not None:
             self._events.emit(StoreEvent("removed", self.tiers[tier].name, namespace, key))
 
@@ -487,7 +490,10 @@ class TieredStore:
                 return found
             n = found
         try:
-            return self.codecs.decode_into(ns, dst[:n], out)
+            decoded = self.codecs.decode_into(ns, dst[:n], out)
+            if not self.encoded.verify(key, out[:decoded]):
+                raise CodecError("decoded bytes fail the chunk's checksum")
+            return decoded
         except CodecError:
             log.warning("tier %s holds an undecodable container; dropping it", tier.name)
             with self._lock:
@@ -532,6 +538,7 @@ class TieredStore:
                     self.index.discard(key, i)
                     if key not in self.index:
                         self.chunk_caches.discard(key)
+                        self.encoded.discard(key)
             if self._events is not None:
                 self._events.emit(StoreEvent("cleared", tier.name, ns.id))
         return removed

@@ -77,3 +77,21 @@ def test_bad_options_are_refused() -> None:
         CodecOption("x", "raw", ratio=0)
     with pytest.raises(InvalidInput):
         CodecOption("x", "raw", quality_rank=-1)
+
+
+def test_a_container_held_here_and_stored_as_is_by_the_peer_costs_no_coding() -> None:
+    # this machine's cachegen: ratio 6, encode 100 MB/s, decode 140 MB/s; int4 ratio 3.7, 260 / 530 MB/s
+    cg1 = CodecOption("cachegen-1", "cachegen", {"level": 1}, 3, ratio=6.0, encode_bytes_per_s=100 * MB,
+                      decode_bytes_per_s=140 * MB)  # fmt: skip
+    int4 = CodecOption("int4", "quant", {"bits": 4}, 6, ratio=3.7, encode_bytes_per_s=260 * MB,
+                       decode_bytes_per_s=530 * MB)  # fmt: skip
+    options, time_left = [RAW, cg1, int4], KV_2K / GBIT / 4  # a quarter of raw's ideal time
+    coded = plan(options, PlanInput(KV_2K, time_left, GBIT))
+    assert coded.option is int4 and not coded.meets_deadline  # the coders are too slow to meet it
+    held = plan(options, PlanInput(KV_2K, time_left, GBIT, held=frozenset({"cachegen-1"})))
+    assert held.option is int4  # no encoding, but the peer still decodes at 140 MB/s
+    both = plan(options, PlanInput(KV_2K, time_left, GBIT, held=frozenset({"cachegen-1"}),
+                                   peer_stores=frozenset({"cachegen-1"})))  # fmt: skip
+    assert both.option is cg1 and both.meets_deadline  # the caller's option, measured speeds and all
+    assert both.projected_s == pytest.approx(KV_2K / 6 / GBIT)  # only the link is left
+    assert plan(options, PlanInput(KV_2K, None, GBIT, held=frozenset({"cachegen-1"}))).option is RAW

@@ -145,7 +145,7 @@ def test_malformed_xput_frames_get_bad_request_and_the_connection_goes_on(daemon
     flipped[7] ^= 1
     reply = _raw_call(daemon, MsgType.XPUT, base, bytes(flipped))
     assert reply["code"] == 11 and "checksum" in str(reply["message"])
-    assert _raw_call(daemon, MsgType.HAVE, {"ns": NS.id, "keys": keys}, b"") == {"present": [False]}
+    assert _raw_call(daemon, MsgType.HAVE, {"ns": NS.id, "keys": keys}, b"") == {"present": [False], "stores": []}
     assert _raw_call(daemon, MsgType.HAVE, {"ns": NS.id, "keys": ["x"]}, b"")["code"] == 2
 
 

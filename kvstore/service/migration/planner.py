@@ -9,6 +9,12 @@ the rest of the transfer with one codec is its slowest stage::
 
     projected = max(left / ratio / bandwidth, left / encode_Bps, left / decode_Bps)
 
+A chunk already held encoded in a candidate's codec (a tier stores that
+container) costs that candidate no encoding, and a peer that stores the
+candidate's containers as they arrive (docs/protocol.md, HAVE ``stores``)
+costs it no decoding: ``PlanInput.held`` and ``PlanInput.peer_stores`` name
+those candidates, whose coder stage then drops out of the projection.
+
 Candidates are tried from the least lossy (``quality_rank`` 0: raw,
 lossless) to the most; the first whose projection fits the time left wins,
 ties in rank going to the faster. When none fits, the fastest candidate is
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvstore.errors import InvalidInput
 
@@ -39,6 +45,8 @@ class CodecOption:
         ratio: raw bytes / sent bytes (>= some small positive number).
         encode_bytes_per_s, decode_bytes_per_s: raw bytes per second through the coder
             (``math.inf`` for raw).
+        container_params: the params its containers carry (as measured; None: unknown or raw),
+            to match containers a tier holds or a peer stores.
     """
 
     label: str
@@ -48,6 +56,7 @@ class CodecOption:
     ratio: float = 1.0
     encode_bytes_per_s: float = math.inf
     decode_bytes_per_s: float = math.inf
+    container_params: Mapping[str, int | float | str | bool] | None = None
 
     def __post_init__(self) -> None:
         if not self.ratio > 0 or not self.encode_bytes_per_s > 0 or not self.decode_bytes_per_s > 0:
@@ -70,12 +79,17 @@ class PlanInput:
         time_left_s: seconds to the deadline (None: no deadline; may be <= 0 once missed).
         bytes_per_s: the link estimate (None: unknown yet).
         recompute_s: the caller's estimate of recomputing the KV instead (None: not an option).
+        held: labels of the candidates whose container of this chunk a local tier holds (no encoding).
+        peer_stores: labels of the candidates whose containers the peer stores as they arrive
+            (no decoding).
     """
 
     bytes_left: int
     time_left_s: float | None
     bytes_per_s: float | None
     recompute_s: float | None = None
+    held: frozenset[str] = frozenset()
+    peer_stores: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +121,10 @@ def plan(options: Sequence[CodecOption], inp: PlanInput) -> Plan:
     """
     if not options:
         raise InvalidInput("the planner needs at least one codec option")
+    if inp.held or inp.peer_stores:
+        costed = [_costed(o, inp) for o in options]
+        chosen = plan(costed, replace(inp, held=frozenset(), peer_stores=frozenset()))
+        return replace(chosen, option=next(o for o, c in zip(options, costed) if c is chosen.option))
     ranks = sorted({o.quality_rank for o in options})
     bw = inp.bytes_per_s
     if bw is None or not bw > 0:
@@ -125,3 +143,11 @@ def plan(options: Sequence[CodecOption], inp: PlanInput) -> Plan:
 
 def _coder_speed(o: CodecOption) -> float:
     return min(o.encode_bytes_per_s, o.decode_bytes_per_s)
+
+
+def _costed(o: CodecOption, inp: PlanInput) -> CodecOption:
+    """``o`` without the coder stages a held container or a storing peer saves."""
+    enc = math.inf if o.label in inp.held else o.encode_bytes_per_s
+    dec = math.inf if o.label in inp.peer_stores else o.decode_bytes_per_s
+    return o if (enc, dec) == (o.encode_bytes_per_s, o.decode_bytes_per_s) else replace(
+        o, encode_bytes_per_s=enc, decode_bytes_per_s=dec)

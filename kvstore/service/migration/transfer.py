@@ -35,12 +35,17 @@ from kvstore.service.migration import handoff_push
 from kvstore.service.migration.link import AckClock, LinkEstimator
 from kvstore.service.migration.planner import CodecOption, Plan, PlanInput, plan
 from kvstore.service.migration.progress import ChunkSent, TransferProgress
-from kvstore.service.migration.transfer_codecs import payload
+from kvstore.service.migration import transfer_wire as wire
+from kvstore.service.migration.transfer_codecs import held_encoded, payload, peer_stores
+from kvstore.service.migration.transfer_wire import PeerStore
 from kvstore.service.protocol import Forbidden
 from kvstore.tiers.store import TieredStore
 
 LOSSLESS = frozenset({"raw", "lossless"})
 HAVE_BATCH = 4096
+DEADLINE_MARGIN = 0.85
+"""The planner aims at this share of the time left: its projections use coder speeds measured on an
+idle thread and a smoothed link estimate, so a plan that fits the deadline exactly misses it half the time."""
 
 
 class TransferFailed(KVStoreError):
@@ -145,12 +150,13 @@ async def _push_once(client: AsyncClient, store: TieredStore, req: TransferReque
     # keys acknowledged before are asked again: a peer that restarted may have lost them
     left = [k for k in req.keys if k not in progress.missing]
     rtt = math.inf  # the quickest HAVE: a round trip without payload, for the ack clock
+    stores: tuple[PeerStore, ...] = ()
     for i in range(0, len(left), HAVE_BATCH):
         part = left[i : i + HAVE_BATCH]
         asked = time.monotonic()
-        held = await client.have(ns, part)
-        rtt = min(rtt, time.monotonic() - asked)
-        for key, present in zip(part, held):
+        reply = await wire.have(client, ns, part)
+        rtt, stores = min(rtt, time.monotonic() - asked), reply.stores
+        for key, present in zip(part, reply.present):
             if present:
                 progress.skipped(key)
             else:
@@ -159,6 +165,7 @@ async def _push_once(client: AsyncClient, store: TieredStore, req: TransferReque
     await handoff_push.announce(client, ns, todo, req.announce_ttl_s)
     started = time.monotonic() - progress.elapsed_s
     clock, inflight = AckClock(link, rtt if math.isfinite(rtt) else 0.0), set[asyncio.Task[None]]()
+    peer = set(o.label for o in req.codec_options if peer_stores(o, stores))  # corrected by XPUT replies
     try:
         for n, key in enumerate(todo):
             while len(inflight) >= req.window:
@@ -168,11 +175,13 @@ async def _push_once(client: AsyncClient, store: TieredStore, req: TransferReque
                 progress.absent(key)
                 await handoff_push.withdraw(client, ns, [key], req.announce_ttl_s)
                 continue
-            choice = _plan(req, progress, link, raw.size * (len(todo) - n), started, clock.rtt_s)
+            held = await asyncio.to_thread(_held, store, ns, key, req.codec_options)
+            choice = _plan(req, progress, link, raw.size * (len(todo) - n), started, clock.rtt_s,
+                           held, frozenset(peer))  # fmt: skip
             data = await asyncio.to_thread(payload, store, ns, key, raw, choice.option)
             raw_sum = checksum(raw) if choice.option.codec in LOSSLESS else None
             task = asyncio.create_task(_send(client, ns, key, raw.size, data, choice.option, raw_sum, req, progress,
-                                             clock, link))  # fmt: skip
+                                             clock, link, peer))  # fmt: skip
             inflight.add(task)
         while inflight:
             await _reap(inflight)
@@ -182,13 +191,25 @@ async def _push_once(client: AsyncClient, store: TieredStore, req: TransferReque
         await asyncio.gather(*inflight, return_exceptions=True)
 
 
+def _held(store: TieredStore, ns: Namespace, key: ChunkKey, options: Sequence[CodecOption]) -> frozenset[str]:
+    """Labels of the options whose container of ``key`` a local tier already holds."""
+    return frozenset(o.label for o in options if held_encoded(store, ns, key, o))
+
+
 def _plan(req: TransferRequest, progress: TransferProgress, link: LinkEstimator, bytes_left: int,
-          started: float, rtt_s: float = 0.0) -> Plan:
-    """The planner's choice for the next chunk; the last acknowledgement's round trip is not link time."""
+          started: float, rtt_s: float = 0.0, held: frozenset[str] = frozenset(),
+          peer: frozenset[str] = frozenset()) -> Plan:
+    """The planner's choice for the next chunk; the last acknowledgement's round trip is not link time.
+
+    ``held``: options whose container of this chunk is held here (no encoding); ``peer``: options
+    the peer stores as they arrive (no decoding). The rest of the transfer is projected like this chunk.
+    """
     options = req.codec_options or (CodecOption("raw", "raw"),)
-    time_left = None if req.deadline_s is None else req.deadline_s - (time.monotonic() - started) - rtt_s
+    time_left = None
+    if req.deadline_s is not None:
+        time_left = DEADLINE_MARGIN * (req.deadline_s - (time.monotonic() - started)) - rtt_s
     est = link.estimate.bytes_per_s
-    choice = plan(options, PlanInput(bytes_left, time_left, est, req.recompute_s))
+    choice = plan(options, PlanInput(bytes_left, time_left, est, req.recompute_s, held, peer))
     progress.estimate_bytes_per_s = est
     progress.projected_s = choice.projected_s
     progress.recompute_cheaper = progress.recompute_cheaper or choice.recompute_cheaper
@@ -205,17 +226,21 @@ async def _reap(inflight: set[asyncio.Task[None]]) -> None:
 
 async def _send(client: AsyncClient, ns: Namespace, key: ChunkKey, raw_size: int, data: bytes, option: CodecOption,
                 raw_sum: bytes | None, req: TransferRequest, progress: TransferProgress, clock: AckClock,
-                link: LinkEstimator) -> None:
+                link: LinkEstimator, peer: set[str]) -> None:
     for attempt in range(req.max_resends + 1):
         sent_at = time.monotonic()
         try:
-            result = await client.xput(ns, [key], [data], [option.codec], [raw_sum])
+            result = await wire.xput(client, ns, [key], [data], [option.codec], [raw_sum])
         except ChunkCorrupt as exc:
             if attempt == req.max_resends:
                 raise TransferFailed(f"chunk {key.hex()} arrived corrupt {attempt + 1} times: {exc}") from exc
             progress.resent += 1
             continue
         clock.acked(len(data), sent_at, busy_s=result.decode_s)
+        if result.encoded[0]:  # what the peer did with this codec's containers: the planner's next guess
+            peer.add(option.label)
+        elif option.codec != "raw":
+            peer.discard(option.label)
         progress.estimate_bytes_per_s = link.estimate.bytes_per_s
         if result.stored[0]:
             progress.sent(ChunkSent(key, option.label, raw_size, len(data)))

@@ -4,30 +4,38 @@ A chunk travels raw or as a codec container (kvstore/codecs). The default
 ladder, least lossy first: ``raw`` and ``lossless`` (rank 0), ``int8``
 (quant, rank 1), ``cachegen-0/2/4`` (ranks 2-4; with the namespace's
 calibrated profile where one of its tiers uses cachegen with one), ``int4``
-(rank 5). :func:`measure` encodes and decodes one real chunk with each
-candidate to learn its ratio and throughput here; candidates that cannot
-encode the namespace's dtype are dropped. Where a tier already holds the
-chunk in the chosen codec (same parameters), :func:`payload` sends those
-bytes without encoding again.
+(rank 5); where that tier's cachegen level is another one, it joins the
+ladder in its place (the ranks after it move up by one). :func:`measure`
+encodes and decodes one real chunk with each candidate to learn its ratio,
+throughput and container params here; candidates that cannot encode the
+namespace's dtype are dropped. Where a tier already holds the chunk in the
+chosen codec (the same container params), :func:`payload` sends those bytes
+without encoding again (:func:`held_encoded` tells the planner so), and a
+peer whose tier stores those containers as they arrive
+(:func:`peer_stores`) does not decode them.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvstore.buffers import U8
 from kvstore.codecs.base import ChunkLayout, make_codec
+from kvstore.codecs.container import unpack
 from kvstore.errors import CodecError, InvalidInput
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.service.migration.planner import CodecOption
+from kvstore.service.migration.transfer_wire import PeerStore
+from kvstore.tiers.base import Tier
 from kvstore.tiers.store import TieredStore
 
 Params = Mapping[str, int | float | str | bool]
+DEFAULT_CACHEGEN_LEVEL = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +51,17 @@ class CodecCandidate:
 def ladder(cachegen_params: Params | None = None) -> list[CodecCandidate]:
     """The default candidates, least lossy first; ``cachegen_params`` (e.g. a profile) join every level."""
     extra = {k: v for k, v in (cachegen_params or {}).items() if k != "level"}
+    levels = [0, 2, 4]
+    if cachegen_params is not None:
+        own = cachegen_params.get("level", DEFAULT_CACHEGEN_LEVEL)
+        if isinstance(own, int) and not isinstance(own, bool) and own not in levels:
+            levels = sorted([*levels, own])
     return [
         CodecCandidate("raw", "raw"),
         CodecCandidate("lossless", "lossless"),
         CodecCandidate("int8", "quant", {"bits": 8}, 1),
-        *(CodecCandidate(f"cachegen-{lv}", "cachegen", {**extra, "level": lv}, 2 + i) for i, lv in enumerate((0, 2, 4))),
-        CodecCandidate("int4", "quant", {"bits": 4}, 5),
+        *(CodecCandidate(f"cachegen-{lv}", "cachegen", {**extra, "level": lv}, 2 + i) for i, lv in enumerate(levels)),
+        CodecCandidate("int4", "quant", {"bits": 4}, 2 + len(levels)),
     ]
 
 
@@ -98,7 +111,8 @@ def measure(candidates: Sequence[CodecCandidate], sample: U8, ns: Namespace) -> 
             continue
         n = sample.size
         out.append(CodecOption(c.label, c.codec, dict(c.params), c.quality_rank, n / len(blob),
-                               n / max(t1 - t0, 1e-9), n / max(t2 - t1, 1e-9)))  # fmt: skip
+                               n / max(t1 - t0, 1e-9), n / max(t2 - t1, 1e-9),
+                               dict(unpack(blob, verify=False).params)))  # fmt: skip
     return out
 
 
@@ -113,14 +127,38 @@ def payload(store: TieredStore, ns: Namespace, key: ChunkKey, raw: U8, option: C
 
 
 def _stored_container(store: TieredStore, ns: Namespace, key: ChunkKey, option: CodecOption) -> bytes | None:
-    for tier in store.tiers:
-        choice = store.codecs.choice(ns.id, tier.name)
-        if choice is None or choice.codec != option.codec or dict(choice.params) != dict(option.params):
-            continue
+    for tier in _holding_tiers(store, ns, key, option):
         found = tier.read(key)
         if found is not None and found[1].namespace == ns.id:
             return found[0].tobytes()
     return None
+
+
+def held_encoded(store: TieredStore, ns: Namespace, key: ChunkKey, option: CodecOption) -> bool:
+    """Whether a local tier holds ``key``'s container with exactly ``option``'s codec and params."""
+    return any(True for _ in _holding_tiers(store, ns, key, option))
+
+
+def _holding_tiers(store: TieredStore, ns: Namespace, key: ChunkKey, option: CodecOption) -> Iterator[Tier]:
+    """Local tiers below the top that hold ``key`` of ``ns`` as containers ``option`` writes."""
+    if option.codec == "raw" or option.container_params is None:
+        return
+    want = (option.codec, dict(option.container_params))
+    for tier in store.tiers[1:]:
+        if tier.shared and not store.index.where(key) >> store.tiers.index(tier) & 1:
+            continue
+        meta = tier.meta(key) if not tier.shared else None
+        if not tier.shared and (meta is None or meta.namespace != ns.id):
+            continue
+        if store.encoded.written_params(ns, tier.name, ns.chunk_tokens) == want:
+            yield tier
+
+
+def peer_stores(option: CodecOption, stores: Iterable[PeerStore]) -> bool:
+    """Whether the peer stores ``option``'s containers as they arrive (HAVE's ``stores``)."""
+    return option.container_params is not None and any(
+        s.codec == option.codec and dict(s.params) == dict(option.container_params) for s in stores
+    )
 
 
 def _layout(ns: Namespace, raw: U8) -> ChunkLayout:
