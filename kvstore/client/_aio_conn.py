@@ -48,6 +48,7 @@ from kvstore.service.protocol import (
 log = logging.getLogger("kvstore.client")
 MAX_REPLY_PAYLOAD = 1 << 40
 Reply = tuple[dict[str, Any], bytes]
+Pending = asyncio.Future[Reply]
 
 
 @dataclass(slots=True)
@@ -76,8 +77,36 @@ class AsyncConn:
     @classmethod
     async def open(cls, endpoint: Endpoint, opts: ClientOptions) -> AsyncConn:
         """Connect and HELLO. Raises RemoteUnavailable (or the daemon's refusal, e.g. Unauthorized)."""
+        return await (await cls._connected(endpoint, opts))._greet()
+
+    @classmethod
+    async def open_pipelined(cls, endpoint: Endpoint, opts: ClientOptions,
+                             requests: Sequence[tuple[MsgType, dict[str, Any]]]) -> tuple[AsyncConn, list[Pending]]:
+        """Connect and send HELLO and ``requests`` in one write, without waiting for a reply.
+
+        The daemon handles a connection's frames in order (docs/protocol.md, pipelining), so the
+        requests after HELLO are answered as from a greeted connection: opening costs one round trip
+        instead of one per request. Returns the greeted connection and the requests' pending
+        replies, in order (:meth:`wait` for each).
+
+        Raises:
+            RemoteUnavailable, or the daemon's refusal of HELLO (e.g. Unauthorized).
+        """
+        conn = await cls._connected(endpoint, opts)
+        try:
+            pending = await conn.pipeline([(MsgType.HELLO, hello_header(opts, endpoint.kind == "unix")), *requests])
+            header, _ = await conn.wait(pending[0])
+            conn.info = greeted(header, conn.sock)
+        except BaseException:
+            conn.close()
+            raise
+        return conn, pending[1:]
+
+    @classmethod
+    async def _connected(cls, endpoint: Endpoint, opts: ClientOptions) -> AsyncConn:
+        """A connected socket (TLS handshake done), not greeted yet."""
         if opts.tls_for(endpoint):
-            return await cls._open_tls(endpoint, opts)
+            return await cls._connected_tls(endpoint, opts)
         loop = asyncio.get_running_loop()
         family = socket.AF_UNIX if endpoint.kind == "unix" else socket.AF_INET
         address: Any = endpoint.path
@@ -96,11 +125,11 @@ class AsyncConn:
             raise unavailable(endpoint, exc) from exc
         if endpoint.kind == "tcp":
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return await cls(endpoint, opts, sock)._greet()
+        return cls(endpoint, opts, sock)
 
     @classmethod
-    async def _open_tls(cls, endpoint: Endpoint, opts: ClientOptions) -> AsyncConn:
-        """Connect with TLS (the CA of ``opts.tls_ca``), then HELLO."""
+    async def _connected_tls(cls, endpoint: Endpoint, opts: ClientOptions) -> AsyncConn:
+        """Connect with TLS (the CA of ``opts.tls_ca``)."""
         ctx = client_context(opts.tls_ca)
         try:
             reader, writer = await asyncio.wait_for(
@@ -111,7 +140,7 @@ class AsyncConn:
             raise unavailable(endpoint, exc) from exc
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return await cls(endpoint, opts, sock, (reader, writer))._greet()
+        return cls(endpoint, opts, sock, (reader, writer))
 
     async def _greet(self) -> AsyncConn:
         try:
@@ -149,6 +178,20 @@ class AsyncConn:
         except BaseException as exc:
             raise self._fail(exc) from exc
         return (await self._await(future, False))[0]
+
+    async def pipeline(self, requests: Sequence[tuple[MsgType, dict[str, Any]]]) -> list[Pending]:
+        """Send payload-less requests in one write without waiting; their pending replies, in order.
+
+        Every reply is retrieved even if nobody waits for it; :meth:`wait` for those that matter.
+        """
+        pending = [self._register(None) for _ in requests]
+        frames = b"".join(frame(mt, rid, header) for (mt, header), (_, rid) in zip(requests, pending))
+        await self._write([frames])
+        return [future for future, _ in pending]
+
+    async def wait(self, pending: Pending) -> Reply:
+        """The reply of a request sent by :meth:`pipeline` (the daemon's refusal raised; timeout as for call)."""
+        return await self._await(pending, False)
 
     def send_only(self, mt: MsgType, header: dict[str, Any]) -> None:
         """Fire a request whose reply nobody awaits (a release); failures are only logged."""
@@ -346,6 +389,19 @@ class AsyncPool:
                 raise unavailable(self.endpoint, ConnectionError("the client is closed"))
             self._conns.append(conn)
             return conn
+
+    def live(self) -> AsyncConn | None:
+        """The least loaded open connection, without opening one (None: none is open)."""
+        self._conns = [c for c in self._conns if not c.closed]
+        return min(self._conns, key=lambda c: c.load, default=None)
+
+    def adopt(self, conn: AsyncConn) -> None:
+        """Take a connection opened elsewhere (e.g. by :meth:`AsyncConn.open_pipelined`) into the pool."""
+        if self._closed:
+            conn.close()
+            raise unavailable(self.endpoint, ConnectionError("the client is closed"))
+        if not conn.closed and conn not in self._conns:
+            self._conns.append(conn)
 
     def close(self) -> None:
         self._closed = True

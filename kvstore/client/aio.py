@@ -20,7 +20,7 @@ from typing import Any, Self, TypeVar
 
 from kvstore.buffers import U8, BufferLike
 from kvstore.client import _frames as F
-from kvstore.client._aio_conn import AsyncConn, AsyncPool
+from kvstore.client._aio_conn import AsyncConn, AsyncPool, Pending
 from kvstore.client._frames import ClientOptions, LookupHit, RemoteStats, ServerInfo, XPutResult
 from kvstore.client._shm import ArenaCache, ShmArena
 from kvstore.errors import InvalidInput
@@ -259,6 +259,28 @@ class AsyncClient:
         self._info = conn.info
         reply, _ = await conn.call(MsgType.XPUT, header, b"".join(payloads))
         return F.XPutResult([bool(s) for s in reply["stored"]], float(reply.get("decode_s", 0.0)))
+
+    def live_connection(self) -> AsyncConn | None:
+        """The open pooled connection the next request would use, without opening one (None: none)."""
+        return self._pool.live()
+
+    async def pipeline(self, requests: Sequence[tuple[MsgType, dict[str, Any]]]) -> tuple[AsyncConn, list[Pending]]:
+        """Send payload-less requests at once, without waiting for each reply; not retried.
+
+        On an open pooled connection the requests go out in one write; otherwise a new connection
+        sends them right behind its HELLO (one round trip for all). Returns the connection and the
+        pending replies in order: ``await conn.wait(p)`` gives each reply or raises its refusal.
+
+        Raises:
+            RemoteUnavailable, or the daemon's refusal of HELLO (e.g. Unauthorized).
+        """
+        conn = self._pool.live()
+        if conn is not None:
+            return conn, await conn.pipeline(requests)
+        conn, pending = await AsyncConn.open_pipelined(self.endpoint, self.options, requests)
+        self._pool.adopt(conn)
+        self._info = conn.info
+        return conn, pending
 
     async def stats(self) -> RemoteStats:
         return F.remote_stats(await self._call(MsgType.STATS, {}))

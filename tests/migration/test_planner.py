@@ -95,3 +95,82 @@ def test_a_container_held_here_and_stored_as_is_by_the_peer_costs_no_coding() ->
     assert both.option is cg1 and both.meets_deadline  # the caller's option, measured speeds and all
     assert both.projected_s == pytest.approx(KV_2K / 6 / GBIT)  # only the link is left
     assert plan(options, PlanInput(KV_2K, None, GBIT, held=frozenset({"cachegen-1"}))).option is RAW
+
+
+def test_fill_drain_round_trips_and_window_are_counted() -> None:
+    n, rtt = 8, 0.02
+    chunk = KV_2K // n
+    # raw: no coding; the link's time, then the last acknowledgement's round trip
+    assert RAW.projected_s(KV_2K, GBIT, n, rtt, 4) == pytest.approx(KV_2K / GBIT + rtt)
+    # int8: the first chunk's encoding and the last one's decoding do not overlap anything
+    want = KV_2K / 1.9 / GBIT + chunk / (600 * MB) + chunk / (900 * MB) + rtt
+    assert INT8.projected_s(KV_2K, GBIT, n, rtt, 4) == pytest.approx(want)
+    # small chunks and a long round trip: a window of 1 carries one chunk per send + round trip
+    tiny = CG.projected_s(KV_2K, GBIT, n, 0.1, 1)
+    assert tiny >= n * 0.1
+    # a deadline the bare link fits but the honest projection does not: the planner goes lossier
+    bare = INT8.projected_s(KV_2K, GBIT)
+    inp = PlanInput(KV_2K, bare * 1.02, GBIT, chunks_left=n, rtt_s=rtt, window=4)
+    assert plan([RAW, INT8, CG], PlanInput(KV_2K, bare * 1.02, GBIT)).option is INT8
+    assert plan([RAW, INT8, CG], inp).option is CG
+    with pytest.raises(InvalidInput):
+        PlanInput(1, 1.0, 1.0, rtt_s=-1)
+    with pytest.raises(InvalidInput):
+        PlanInput(1, 1.0, 1.0, window=0)
+
+
+def test_learned_coder_speeds_replace_the_idle_measurement() -> None:
+    from kvstore.service.migration.link import CoderRates
+    from kvstore.service.migration.transfer import effective_options
+
+    rates = CoderRates()
+    options = [RAW, INT8, CG]
+    seeded = effective_options(options, rates, frozenset({"cachegen-2"}), frozenset({"cachegen-2"}))
+    assert seeded[1].encode_bytes_per_s == INT8.encode_bytes_per_s  # nothing learned: the measurement
+    assert math.isinf(seeded[2].encode_bytes_per_s) and math.isinf(seeded[2].decode_bytes_per_s)
+    time_left = KV_2K / 1.9 / GBIT * 1.3
+    inp = PlanInput(KV_2K, time_left, GBIT, chunks_left=8, rtt_s=0.02, window=4)
+    assert plan(seeded, inp).option.label == "int8"  # int8 is projected to fit
+    for _ in range(3):  # in transfers the sender's int8 stage ran at 90 MB/s (read, encode, a busy core)
+        rates.sent("int8", False, KV_2K // 8, KV_2K / 8 / (90 * MB))
+    rates.sent("cachegen-2", True, KV_2K // 8, 0.004)  # held: a read of the container
+    rates.stored("cachegen-2", True, KV_2K // 8, 0.002)  # stored as it arrived: a check
+    learned = effective_options(options, rates, frozenset({"cachegen-2"}), frozenset({"cachegen-2"}))
+    assert learned[1].encode_bytes_per_s == pytest.approx(90 * MB)
+    chosen = plan(learned, inp)
+    assert chosen.option.label == "cachegen-2" and chosen.meets_deadline  # int8 no longer fits
+    assert chosen.option.params == CG.params and chosen.option.ratio == CG.ratio
+
+
+def test_halving_mid_transfer_is_followed_chunk_by_chunk() -> None:
+    from kvstore.service.migration.link import LinkEstimator
+
+    link, n, chunk = LinkEstimator(), 8, KV_2K // 8
+    for _ in range(8):
+        link.observe(chunk, chunk / GBIT)
+    deadline = 1.5 * KV_2K / GBIT
+    elapsed, chosen = 0.02, []
+    for i in range(n):  # the link halves after the second chunk
+        bw = link.estimate.bytes_per_s
+        assert bw is not None
+        p = plan(ALL, PlanInput(chunk * (n - i), deadline - elapsed, bw, chunks_left=n - i, rtt_s=0.02, window=4))
+        chosen.append(p.option.label)
+        rate = GBIT if i < 2 else GBIT / 2
+        sent = chunk / p.option.ratio
+        link.observe(int(sent), sent / rate)
+        elapsed += sent / rate
+    # chunks 2 and 3 were carried at half the rate; the estimate said so before chunk 4 was planned
+    assert chosen[:4] == ["lossless"] * 4 and chosen[4] == "int8"
+    assert elapsed <= deadline  # and back to the least lossy once the time left allows it
+    assert chosen[-1] == "raw"
+
+
+def test_an_untimed_coder_pays_the_timed_read_of_the_raw_chunk() -> None:
+    from kvstore.service.migration.link import CoderRates
+    from kvstore.service.migration.transfer import READ_STAGE, effective_options
+
+    rates = CoderRates()
+    rates.sent(READ_STAGE, False, 6_000_000, 6_000_000 / (600 * MB))  # reading a chunk here: 600 MB/s
+    raw, int8 = effective_options([RAW, INT8], rates, frozenset(), frozenset())
+    assert raw.encode_bytes_per_s == pytest.approx(600 * MB)  # raw still reads
+    assert int8.encode_bytes_per_s == pytest.approx(1 / (1 / (600 * MB) + 1 / (600 * MB)))  # read, then encode

@@ -8,7 +8,15 @@ time the link spent carrying it while the pipe was full. :class:`LinkEstimator`
 smooths those samples with an exponentially weighted moving average over
 time (half-life ``half_life_s``), so a link whose bandwidth halves is
 re-estimated within a few half-lives, and long samples weigh more than
-short ones.
+short ones. A drop is noticed faster than the average alone would: after
+``drop_samples`` samples in a row below ``drop_ratio`` of the estimate, the
+estimate is those samples' rate (a link whose bandwidth halves mid-transfer
+is re-estimated within a chunk or two; a rise is followed by the average).
+
+:class:`CoderRates` learns, the same way, what each codec really costs in a
+transfer: the sender's stage per chunk (reading it, encoding it or reading
+its stored container) and the peer's (its checks and decoding, XPUT's
+``decode_s``), seeded by the one-time measurement on an idle thread.
 """
 
 from __future__ import annotations
@@ -42,15 +50,21 @@ class LinkEstimator:
     finite and > 0.
     """
 
-    def __init__(self, half_life_s: float = 0.5, initial_bytes_per_s: float | None = None) -> None:
+    def __init__(self, half_life_s: float = 0.5, initial_bytes_per_s: float | None = None,
+                 drop_ratio: float | None = 0.75, drop_samples: int = 2) -> None:
         if not half_life_s > 0:
             raise InvalidInput("half_life_s must be > 0")
         if initial_bytes_per_s is not None and not initial_bytes_per_s > 0:
             raise InvalidInput("initial_bytes_per_s must be > 0")
+        if drop_ratio is not None and not 0 < drop_ratio < 1 or drop_samples < 1:
+            raise InvalidInput("drop_ratio must be in (0, 1) (or None) and drop_samples >= 1")
         self.half_life_s = half_life_s
+        self.drop_ratio = drop_ratio
+        self.drop_samples = drop_samples
         self._rate = initial_bytes_per_s
         self._samples = 0
         self._bytes = 0
+        self._low: list[tuple[int, float]] = []  # the samples in a row below drop_ratio x the estimate
 
     def observe(self, nbytes: int, seconds: float) -> None:
         """Feed one acknowledged chunk: ``nbytes`` carried in ``seconds`` of link time.
@@ -66,6 +80,14 @@ class LinkEstimator:
         if self._rate is None:
             self._rate = sample
             return
+        if self.drop_ratio is not None and sample < self.drop_ratio * self._rate:
+            self._low.append((nbytes, seconds))
+            if len(self._low) >= self.drop_samples:
+                low_bytes, low_s = sum(b for b, _ in self._low), sum(t for _, t in self._low)
+                self._rate, self._low = max(low_bytes / low_s, 1.0), []
+                return
+        else:
+            self._low = []
         keep = 0.5 ** (seconds / self.half_life_s)
         self._rate = max(keep * self._rate + (1 - keep) * sample, 1.0)
 
@@ -120,3 +142,71 @@ class LinkTable:
 
     def snapshot(self) -> dict[str, LinkEstimate]:
         return {peer: est.estimate for peer, est in self._links.items()}
+
+
+class CoderRates:
+    """Moving estimates of each codec's throughput in transfers, per stage (see the module docstring).
+
+    Keys are (option label, whether the stage was skipped by a held container or a peer that stores
+    it as it arrives): a held cachegen chunk still costs a read, a stored-as-is one still a check.
+    Each estimate is raw bytes per second, from an exponential average of seconds per byte over chunks (``weight`` for the
+    newest). Invariant: every estimate is finite and > 0.
+    """
+
+    def __init__(self, weight: float = 0.5) -> None:
+        if not 0 < weight <= 1:
+            raise InvalidInput("weight must be in (0, 1]")
+        self.weight = weight
+        self._send: dict[tuple[str, bool], float] = {}
+        self._peer: dict[tuple[str, bool], float] = {}
+        self._slip = 1.0
+
+    def sent(self, label: str, skipped: bool, raw_bytes: int, seconds: float) -> None:
+        """The sender's stage of one chunk: ``seconds`` of wall time to have it ready to send."""
+        self._feed(self._send, (label, skipped), raw_bytes, seconds)
+
+    def stored(self, label: str, skipped: bool, raw_bytes: int, seconds: float) -> None:
+        """The peer's work on one chunk (XPUT's ``decode_s``)."""
+        self._feed(self._peer, (label, skipped), raw_bytes, seconds)
+
+    @property
+    def slip(self) -> float:
+        """How much longer than projected pushes took: actual / projected time from the first chunk on.
+
+        A moving average over transfers (1.0 before the first), within [1, 3]: what the stages'
+        estimates still miss (CPU time the machine's other work takes, the peer's stores).
+        """
+        return self._slip
+
+    def finished(self, projected_s: float, actual_s: float) -> None:
+        """One push's projection at its first chunk against the time it then took."""
+        if not projected_s > 0 or not actual_s > 0 or not math.isfinite(projected_s + actual_s):
+            return
+        sample = min(max(actual_s / projected_s, 1.0), 3.0)
+        self._slip = (1 - self.weight) * self._slip + self.weight * sample
+
+    def relax(self, label: str, held: bool, peer: bool, factor: float = 0.9) -> None:
+        """An option passed over for a chunk: its learned times shrink by ``factor``.
+
+        A slow sample (a cold read, a busy moment) would otherwise keep an option from being chosen,
+        and so from being timed again; relaxed, it is tried again after a few chunks and re-learned.
+        """
+        for table, key in ((self._send, (label, held)), (self._peer, (label, peer))):
+            if key in table:
+                table[key] *= factor
+
+    def send_rate(self, label: str, skipped: bool) -> float | None:
+        found = self._send.get((label, skipped))
+        return None if found is None else 1.0 / found
+
+    def peer_rate(self, label: str, skipped: bool) -> float | None:
+        found = self._peer.get((label, skipped))
+        return None if found is None else 1.0 / found
+
+    def _feed(self, table: dict[tuple[str, bool], float], key: tuple[str, bool], raw_bytes: int,
+              seconds: float) -> None:
+        if raw_bytes <= 0 or not math.isfinite(seconds) or seconds < 0:
+            raise InvalidInput(f"a coder sample needs bytes > 0 and seconds >= 0, got {raw_bytes}, {seconds}")
+        sample = max(seconds, 1e-6) / raw_bytes  # seconds per byte: averaged as times, not as rates
+        old = table.get(key)
+        table[key] = sample if old is None else (1 - self.weight) * old + self.weight * sample

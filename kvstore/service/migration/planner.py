@@ -9,6 +9,20 @@ the rest of the transfer with one codec is its slowest stage::
 
     projected = max(left / ratio / bandwidth, left / encode_Bps, left / decode_Bps)
 
+Given the chunks left, the link's round trip and the window
+(``PlanInput.chunks_left``, ``rtt_s``, ``window``), the projection also
+counts what does not overlap, and what the window allows::
+
+    per chunk:  c_send, c_enc, c_dec = each stage's time for one chunk
+    steady    = max(send, encode, decode, chunks * (c_send + rtt + c_dec) / window)
+    projected = steady + c_enc + c_dec + rtt
+
+(the first chunk is encoded before the link carries anything; the last is
+checked and stored by the peer and its acknowledgement comes back after the
+link is done; a window of chunks in flight carries at most ``window`` chunks
+per send + round trip + peer time). Without ``chunks_left`` the projection is
+the slowest stage alone.
+
 A chunk already held encoded in a candidate's codec (a tier stores that
 container) costs that candidate no encoding, and a peer that stores the
 candidate's containers as they arrive (docs/protocol.md, HAVE ``stores``)
@@ -64,10 +78,23 @@ class CodecOption:
         if self.quality_rank < 0:
             raise InvalidInput("quality_rank must be >= 0")
 
-    def projected_s(self, raw_bytes: int, bytes_per_s: float) -> float:
-        """Seconds to move ``raw_bytes`` with this codec over a link of ``bytes_per_s`` (pipelined)."""
+    def projected_s(self, raw_bytes: int, bytes_per_s: float, chunks: int | None = None, rtt_s: float = 0.0,
+                    window: int | None = None) -> float:
+        """Seconds to move ``raw_bytes`` with this codec over a link of ``bytes_per_s`` (pipelined).
+
+        With ``chunks`` (the number of chunks those bytes are in), the pipeline's fill and drain,
+        the last acknowledgement's ``rtt_s`` and the ``window`` of chunks in flight are counted
+        too (see the module docstring).
+        """
         send = raw_bytes / self.ratio / bytes_per_s
-        return max(send, raw_bytes / self.encode_bytes_per_s, raw_bytes / self.decode_bytes_per_s)
+        enc, dec = raw_bytes / self.encode_bytes_per_s, raw_bytes / self.decode_bytes_per_s
+        steady = max(send, enc, dec)
+        if chunks is None:
+            return steady
+        n = max(chunks, 1)
+        if window is not None:
+            steady = max(steady, n * (send / n + rtt_s + dec / n) / window)
+        return steady + enc / n + dec / n + rtt_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +109,11 @@ class PlanInput:
         held: labels of the candidates whose container of this chunk a local tier holds (no encoding).
         peer_stores: labels of the candidates whose containers the peer stores as they arrive
             (no decoding).
+        chunks_left: chunks still to send, this one included (None: project the slowest stage
+            alone, without fill, drain, round trip or window).
+        rtt_s: the link's round trip (a request without payload), counted once per chunk in the
+            window and once for the last acknowledgement.
+        window: chunks in flight at once (None: unbounded).
     """
 
     bytes_left: int
@@ -90,6 +122,18 @@ class PlanInput:
     recompute_s: float | None = None
     held: frozenset[str] = frozenset()
     peer_stores: frozenset[str] = frozenset()
+    chunks_left: int | None = None
+    rtt_s: float = 0.0
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rtt_s < 0 or (self.window is not None and self.window < 1):
+            raise InvalidInput("rtt_s must be >= 0 and window >= 1")
+        if self.chunks_left is not None and self.chunks_left < 0:
+            raise InvalidInput("chunks_left must be >= 0")
+
+    def projected_s(self, option: CodecOption, bytes_per_s: float) -> float:
+        return option.projected_s(self.bytes_left, bytes_per_s, self.chunks_left, self.rtt_s, self.window)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +175,12 @@ def plan(options: Sequence[CodecOption], inp: PlanInput) -> Plan:
         first = [o for o in options if o.quality_rank == ranks[0]]
         return Plan(max(first, key=_coder_speed), None, True, False)
     for rank in ranks:
-        best = min((o for o in options if o.quality_rank == rank), key=lambda o: o.projected_s(inp.bytes_left, bw))
-        projected = best.projected_s(inp.bytes_left, bw)
+        best = min((o for o in options if o.quality_rank == rank), key=lambda o: inp.projected_s(o, bw))
+        projected = inp.projected_s(best, bw)
         if inp.time_left_s is None or projected <= inp.time_left_s:
             return Plan(best, projected, True, False)
-    fastest = min(options, key=lambda o: (o.projected_s(inp.bytes_left, bw), o.quality_rank))
-    projected = fastest.projected_s(inp.bytes_left, bw)
+    fastest = min(options, key=lambda o: (inp.projected_s(o, bw), o.quality_rank))
+    projected = inp.projected_s(fastest, bw)
     cheaper = inp.recompute_s is not None and inp.recompute_s < projected
     return Plan(fastest, projected, False, cheaper)
 

@@ -3,7 +3,10 @@
 The registry lives in the daemon's aiohttp lifecycle (:func:`transfers_ctx`):
 it owns the tasks of running transfers (cancelled at shutdown), the link
 estimates per peer (kept across transfers to the same peer) and the codec
-measurements per namespace (measured once, on the first chunk a push reads).
+measurements per namespace (measured once, on the first chunk a push reads),
+the coders' speeds pushes have seen per (peer, namespace), and a pool of
+idle connections to peers (a push starts on one when it finds one: no
+TCP, HELLO or REGISTER round trips; closed at shutdown).
 Finished transfers are kept for reading, the oldest dropped beyond ``keep``.
 """
 
@@ -22,10 +25,11 @@ from aiohttp import web
 from kvstore.errors import InvalidInput, KVStoreError
 from kvstore.keys import ChunkKey, Namespace, NamespaceId
 from kvstore.service.admin_state import STORE
-from kvstore.service.migration.link import LinkEstimator, LinkTable
+from kvstore.service.migration.link import CoderRates, LinkEstimator, LinkTable
 from kvstore.service.migration.planner import CodecOption
 from kvstore.service.migration.progress import FINISHED, TransferProgress, TransferState
 from kvstore.service.migration.transfer import TransferRequest, run
+from kvstore.service.migration.transfer_peers import PeerPool
 from kvstore.service.migration.transfer_codecs import CodecCandidate, ladder, measure, namespace_cachegen_params, select
 from kvstore.tiers.store import TieredStore
 
@@ -42,6 +46,8 @@ class TransferRegistry:
     def __init__(self, store: TieredStore, keep: int = 256, tls_ca: str | None = None) -> None:
         self.store = store
         self.links = LinkTable()
+        self.peers = PeerPool()
+        self._coders: dict[tuple[str, NamespaceId], CoderRates] = {}
         self.keep = keep
         self.tls_ca = tls_ca
         self._progress: dict[str, TransferProgress] = {}
@@ -119,6 +125,7 @@ class TransferRegistry:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.peers.close()
 
     def _launch(self, tid: str) -> None:
         progress, req = self._progress[tid], self._requests[tid]
@@ -128,7 +135,8 @@ class TransferRegistry:
 
     async def _run(self, req: TransferRequest, progress: TransferProgress, link: LinkEstimator) -> None:
         try:
-            await run(self.store, req, progress, link)
+            coders = self._coders.setdefault((req.peer_url, req.namespace.id), CoderRates())
+            await run(self.store, req, progress, link, self.peers, coders)
         except asyncio.CancelledError:
             progress.finish(TransferState.CANCELLED, "cancelled")
             raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvstore.client import _frames as F
 from kvstore.client.aio import AsyncClient
@@ -47,7 +48,16 @@ class XPutReply:
 
 async def have(client: AsyncClient, ns: Namespace, keys: Sequence[bytes]) -> HaveReply:
     """HAVE for ``keys``; a peer without ``stores`` in its reply stores nothing encoded."""
-    reply = await client._call(MsgType.HAVE, {"ns": ns.id, "keys": F.as_keys(keys)})  # noqa: SLF001
+    return have_reply(await client._call(MsgType.HAVE, have_header(ns, keys)))  # noqa: SLF001
+
+
+def have_header(ns: Namespace, keys: Sequence[bytes]) -> dict[str, Any]:
+    """HAVE's request header (to pipeline it with others)."""
+    return {"ns": ns.id, "keys": F.as_keys(keys)}
+
+
+def have_reply(reply: dict[str, Any]) -> HaveReply:
+    """HAVE's answer from its reply header."""
     stores = []
     for entry in reply.get("stores") or []:
         if isinstance(entry, dict) and isinstance(entry.get("codec"), str) and isinstance(entry.get("params"), dict):
