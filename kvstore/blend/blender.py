@@ -14,7 +14,9 @@ Per prompt (``Blender.blend``):
    ``ratio``), and every uncached token, go on. Fresh K/V of every token
    computed at a layer replace the reused K/V at their positions.
 4. Later layers compute only the selected tokens: their queries attend to the
-   whole assembled KV, each to positions <= its own.
+   whole assembled KV, each to positions <= its own. The last layer writes
+   every selected token's K/V but runs attention and MLP for the prompt's
+   last token only (nothing reads the other hidden states after it).
 
 Always recomputed: every uncached token and the prompt's last token (its
 logits start the answer). The attention sink: a prompt whose first segment is
@@ -37,8 +39,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvstore.blend.config import BlendConfig
-from kvstore.blend.llama import LayerQKV, LlamaStack
-from kvstore.blend.rope import RopeSpec, rope_from_model, shift_keys
+from kvstore.blend.llama import LayerQKV, LlamaStack, SparseAttention
+from kvstore.blend.rope import RopeSpec, rope_from_model, shift_keys_into
 from kvstore.blend.segments import Assembled, PassageKV, Segment
 from kvstore.blend.select import keep_count, kv_deviation, select_per_group, select_tokens
 from kvstore.errors import InvalidInput, ShapeMismatch
@@ -55,7 +57,8 @@ class BlendResult:
     Attributes:
         ids: the prompt's token ids ``[T]``.
         logits: next-token logits after the last prompt token ``[vocab]``.
-        keys, values: the prompt's KV per layer, ``[layers, kv_heads, T, head_dim]`` float32.
+        keys, values: the prompt's KV per layer, ``[layers, kv_heads, T, head_dim]`` float32 (views of
+            token-major storage, not contiguous).
         reused: bool ``[T]``, positions whose KV came from a passage.
         recomputed: positions computed through the last layer (ascending).
     """
@@ -128,17 +131,25 @@ class Blender:
         if self.max_positions and offset > self.max_positions:
             raise InvalidInput(f"prompt of {offset} tokens exceeds the model's {self.max_positions} positions")
         s = self.stack
-        keys = torch.zeros(s.num_layers, s.num_kv_heads, offset, s.head_dim)
-        values = torch.zeros_like(keys)
+        # token-major storage (the passages' own layout: each passage is one slab per layer, no transposition);
+        # every position is written once: reused ones from their passage, uncached ones with zeros
+        keys = torch.empty(s.num_layers, offset, s.num_kv_heads, s.head_dim)
+        values = torch.empty_like(keys)
         reused = torch.zeros(offset, dtype=torch.bool)
         passage_of = torch.full((offset,), -1, dtype=torch.long)
+        covered = 0
         for n, (start, p) in enumerate(passages):
-            kv = p.kv.float()
             end = start + len(p)
-            keys[:, :, start:end] = shift_keys(kv[:, 0], start - p.start_position, self.rope).transpose(1, 2)
-            values[:, :, start:end] = kv[:, 1].transpose(1, 2)
+            keys[:, covered:start] = 0.0
+            values[:, covered:start] = 0.0
+            shift_keys_into(keys[:, start:end], p.kv[:, 0], start - p.start_position, self.rope)
+            values[:, start:end] = p.kv[:, 1]
             reused[start:end] = True
             passage_of[start:end] = n
+            covered = end
+        keys[:, covered:] = 0.0
+        values[:, covered:] = 0.0
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
         return Assembled(torch.cat(parts), reused, keys, values, tuple(o for o, _ in passages), passage_of)
 
     def blend(self, segments: Sequence[Segment]) -> BlendResult:
@@ -167,8 +178,12 @@ class Blender:
         sel = torch.nonzero(forced).reshape(-1) if full_reuse else torch.arange(total)
         in_order = sel.numel() == total
         h = s.embed(a.ids[sel])
+        rotary = s.rotary(sel)
+        plan: SparseAttention | None = None
+        recomputed = sel
+        last = s.num_layers - 1
         for i in range(s.num_layers):
-            p = s.qkv(i, h, sel)
+            p = s.qkv(i, h, rotary)
             keys, values = a.keys[i : i + 1], a.values[i : i + 1]
             q = p.q
             local = None
@@ -185,10 +200,19 @@ class Blender:
             keys[:, :, sel] = p.k
             values[:, :, sel] = p.v
             if local is not None and local.numel() != sel.numel():
-                sel, h, q, in_order = sel[local], h[:, local], q[:, :, local], False
-            h = s.finish(i, h, q, keys, values, None if in_order else sel)
+                sel, h, q, in_order, plan = sel[local], h[:, local], q[:, :, local], False, None
+                if i < last:
+                    rotary = s.rotary(sel)
+            recomputed = sel
+            if i == last and sel.numel() > 1:
+                # after the last layer only the prompt's last hidden state is read (its logits); every
+                # computed token's K/V of this layer is written above
+                h, q, in_order, plan = h[:, -1:], q[:, :, -1:], False, s.attention_plan(sel[-1:])
+            if not in_order and plan is None:
+                plan = s.attention_plan(sel)
+            h = s.finish(i, h, q, keys, values, None if in_order else plan)
         logits = s.logits(h[:, -1:])[-1]
-        return BlendResult(a.ids, logits, a.keys, a.values, a.reused, sel)
+        return BlendResult(a.ids, logits, a.keys, a.values, a.reused, recomputed)
 
     def _score(self, p: LayerQKV, old_k: torch.Tensor, old_v: torch.Tensor, sel: torch.Tensor,
                forced: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

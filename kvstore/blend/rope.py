@@ -135,6 +135,33 @@ def shift_keys(keys: torch.Tensor, delta: torch.Tensor | int, rope: RopeSpec) ->
     return out
 
 
+def shift_keys_into(out: torch.Tensor, keys: torch.Tensor, delta: int, rope: RopeSpec) -> None:
+    """Write ``keys`` rotated by one shift of ``delta`` positions into ``out`` (same shape, any layout).
+
+    The arithmetic of :func:`shift_keys` without its copies: ``keys`` may be a
+    strided view (e.g. a passage's K transposed to ``[layers, heads, tokens,
+    head_dim]``) of any float dtype, ``out`` a float32 view of the assembled
+    prompt's K; a single shift rotates every token alike, so any axis order works.
+
+    Raises:
+        ShapeMismatch: the shapes differ or the last dimension is not ``rope.head_dim``.
+    """
+    if keys.shape != out.shape or keys.shape[-1] != rope.head_dim:
+        raise ShapeMismatch(f"keys {tuple(keys.shape)} and out {tuple(out.shape)} must match, last dim {rope.head_dim}")
+    cos, sin = shift_angles(rope, int(delta), out.device)
+    cos, sin = cos.reshape(-1).to(out.dtype), sin.reshape(-1).to(out.dtype)
+    r = rope.rotary_dim
+    if rope.variant == "neox":
+        lo, hi = slice(0, r // 2), slice(r // 2, r)
+    else:
+        lo, hi = slice(0, r, 2), slice(1, r, 2)
+    a, b = keys[..., lo].to(out.dtype), keys[..., hi].to(out.dtype)
+    torch.sub(a * cos, b * sin, out=out[..., lo])
+    torch.add(b * cos, a * sin, out=out[..., hi])
+    if r < rope.head_dim:
+        out[..., r:] = keys[..., r:]
+
+
 def apply_rope(keys: torch.Tensor, positions: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
     """Rotate position-free keys to ``positions``: the shift from position 0 (a reference formula)."""
     return shift_keys(keys, positions, rope)

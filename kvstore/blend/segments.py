@@ -45,7 +45,8 @@ Segment = PassageKV | Sequence[int]
 class Assembled:
     """The prompt laid out: token ids ``[T]``, which positions hold reused KV, and where each passage sits.
 
-    ``keys``/``values`` are ``[layers, kv_heads, T, head_dim]`` float32: the
+    ``keys``/``values`` are ``[layers, kv_heads, T, head_dim]`` float32 (views
+    of token-major ``[layers, T, kv_heads, head_dim]`` storage): the
     passages' KV with keys re-rotated to their new positions, zeros at
     uncached positions (every one of which is computed). ``passage_of`` is
     int ``[T]``: the index of the passage at each position, -1 where uncached.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvstore.blend.passages import compute_passage_kv
-from kvstore.blend.rope import RopeScalingUnsupported, RopeSpec, rope_from_model, shift_keys
+from kvstore.blend.rope import RopeScalingUnsupported, RopeSpec, rope_from_model, shift_keys, shift_keys_into
 from kvstore.errors import InvalidInput, ShapeMismatch
 from tests.models.real_model import model_threads, require_model  # noqa: F401  (autouse fixture)
 
@@ -93,3 +93,18 @@ def test_bad_rope_inputs() -> None:
         RopeSpec("alibi", rope.inv_freq, 64, 64)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput):
         RopeSpec("neox", rope.inv_freq, 64, 63)
+
+
+@pytest.mark.parametrize(("variant", "rotary_dim"), [("neox", 64), ("gptj", 64), ("neox", 32)])
+def test_shift_into_a_view_equals_shift_keys(variant: str, rotary_dim: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    exps = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    rope = RopeSpec(variant, (1.0 / 1e5**exps).float(), 64, rotary_dim)  # type: ignore[arg-type]
+    src = torch.randn(2, 40, 3, 64, generator=g)  # [layers, tokens, heads, head_dim]
+    for keys in (src, src.to(torch.bfloat16)):
+        out = torch.full((2, 100, 3, 64), 7.0)
+        shift_keys_into(out[:, 30:70], keys, 123, rope)
+        torch.testing.assert_close(out[:, 30:70], shift_keys(keys.float(), 123, rope), atol=0, rtol=0)
+        assert bool((out[:, :30] == 7.0).all()) and bool((out[:, 70:] == 7.0).all())
+    with pytest.raises(ShapeMismatch):
+        shift_keys_into(torch.zeros(2, 39, 3, 64), src, 1, rope)
