@@ -9,21 +9,19 @@ in the pages.
 from __future__ import annotations
 
 import functools
-import itertools
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
 from kvstore.connectors.vllm import KVStoreConnector
-from kvstore.connectors.vllm_backend import SHARED_STORES
 from kvstore.connectors.vllm_compat import KVConnectorRole
 from kvstore.connectors.vllm_meta import KVStoreConnectorMetadata
 from kvstore.connectors.vllm_spec import engine_geometry, namespace_for, shard_geometries
 from kvstore.errors import InvalidInput, ShapeMismatch
 from kvstore.keys import engine_prefix_keys
+from tests.connectors.test_vllm_connector import BS, C, prompt, settings, store_id  # noqa: F401 (store_id: a fixture)
 from tests.connectors.test_vllm_fakes import (
     CachedRequestData,
     FakeEngine,
@@ -33,24 +31,6 @@ from tests.connectors.test_vllm_fakes import (
     make_config,
     rank_config,
 )
-
-BS, C = 4, 8  # vLLM block size, kvstore chunk tokens
-_ids = itertools.count()
-
-
-@pytest.fixture
-def store_id() -> Iterator[str]:
-    sid = f"features-{next(_ids)}"
-    yield sid
-    assert sid not in SHARED_STORES.open_ids()
-
-
-def settings(store_id: str, **more: object) -> dict[str, object]:
-    return {"backend": "local", "store_id": store_id, "chunk_tokens": C, "cpu_bytes": 1 << 20, **more}
-
-
-def prompt(n: int, seed: int = 0) -> list[int]:
-    return [(seed * 7919 + i * 31) % 32000 for i in range(n)]
 
 
 def store_of(eng: FakeEngine) -> Any:

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.migration.test_transfer import NS
-from tests.migration.transfer_helpers import float_chunks, read_chunks, store_chunks
+from tests.migration.transfer_helpers import daemon_pair, float_chunks, read_chunks, store_chunks
 from tests.redis_servers import free_port
-from tests.service.daemon_fixtures import HAVE_DATAPLANE, TOKEN_A, TOKENS, DaemonProc
+from tests.service.daemon_fixtures import HAVE_DATAPLANE, TOKEN_A, DaemonProc
 
 pytestmark = pytest.mark.skipif(not HAVE_DATAPLANE, reason="the data plane is not built")
 
@@ -20,11 +20,8 @@ pytestmark = pytest.mark.skipif(not HAVE_DATAPLANE, reason="the data plane is no
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc, DaemonProc]]:
     root = tmp_path_factory.mktemp("cli")
-    a = DaemonProc(root / "a", tokens=TOKENS, name="a").start()
-    b = DaemonProc(root / "b", tokens=TOKENS, name="b").start()
-    yield a, b
-    a.stop()
-    b.stop()
+    with daemon_pair(root) as pair:
+        yield pair
 
 
 def migrate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

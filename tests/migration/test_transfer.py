@@ -12,7 +12,7 @@ import pytest
 
 from kvstore.keys import Namespace
 from kvstore.spec import KVSpec, ModelFingerprint
-from tests.migration.transfer_helpers import FaultyRelay, float_chunks, read_chunks, store_chunks
+from tests.migration.transfer_helpers import FaultyRelay, daemon_pair, float_chunks, read_chunks, store_chunks
 from tests.service.daemon_fixtures import HAVE_DATAPLANE, TOKEN_A, TOKEN_B, TOKENS, DaemonProc
 
 pytestmark = pytest.mark.skipif(not HAVE_DATAPLANE, reason="the data plane is not built")
@@ -25,11 +25,8 @@ CHUNK = NS.chunk_nbytes
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc, DaemonProc]]:
     root = tmp_path_factory.mktemp("xfer")
-    a = DaemonProc(root / "a", tokens=TOKENS, name="a").start()
-    b = DaemonProc(root / "b", tokens=TOKENS, name="b").start()
-    yield a, b
-    a.stop()
-    b.stop()
+    with daemon_pair(root) as pair:
+        yield pair
 
 
 def start(a: DaemonProc, body: dict[str, Any], token: str = TOKEN_A) -> dict[str, Any]:

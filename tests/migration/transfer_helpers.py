@@ -1,4 +1,4 @@
-"""Helpers of the transfer tests: a self-signed certificate made now, a faulty TCP relay, float chunks."""
+"""Helpers of the transfer tests: two daemons, a self-signed certificate made now, a faulty TCP relay, float chunks."""
 
 from __future__ import annotations
 
@@ -8,12 +8,27 @@ import shutil
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from kvstore.client import Client
 from kvstore.keys import ChunkKey, Namespace, prefix_keys
+from tests.service.daemon_fixtures import TOKENS, DaemonProc
+
+
+@contextmanager
+def daemon_pair(root: Path) -> Iterator[tuple[DaemonProc, DaemonProc]]:
+    """Two daemons with the test tokens (``a`` sends, ``b`` receives), stopped afterwards."""
+    a = DaemonProc(root / "a", tokens=TOKENS, name="a").start()
+    b = DaemonProc(root / "b", tokens=TOKENS, name="b").start()
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

@@ -25,7 +25,7 @@ import pytest
 
 from kvstore.keys import Namespace
 from kvstore.spec import KVSpec, ModelFingerprint
-from tests.migration.transfer_helpers import FaultyRelay, float_chunks, read_chunks, store_chunks
+from tests.migration.transfer_helpers import FaultyRelay, daemon_pair, float_chunks, read_chunks, store_chunks
 from tests.resilience.common import record
 from tests.service.daemon_fixtures import HAVE_DATAPLANE, TOKEN_A, TOKENS, DaemonProc
 
@@ -39,11 +39,8 @@ CHUNKS = 24
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProc, DaemonProc]]:
     root = tmp_path_factory.mktemp("mig-faults")
-    a = DaemonProc(root / "a", tokens=TOKENS, name="a").start()
-    b = DaemonProc(root / "b", tokens=TOKENS, name="b").start()
-    yield a, b
-    a.stop()
-    b.stop()
+    with daemon_pair(root) as pair:
+        yield pair
 
 
 def _start(a: DaemonProc, peer_port: int, keys: list[Any], codec: str, window: int) -> str:
