@@ -69,8 +69,7 @@ class LabDaemon(DaemonProc):
 
     def call(self, method: str, path: str, body: Body = None, token: str | None = None,
              headers: Mapping[str, str] | None = None, timeout: float = 30.0) -> Reply:
-        got = call_host(self.node.mgmt_ip, self.admin_port, method, path, body, token, headers, timeout)
-        return Reply(got.status, got.headers, got.body)
+        return call_host(self.node.mgmt_ip, self.admin_port, method, path, body, token, headers, timeout)
 
     @property
     def url(self) -> str:

@@ -2,13 +2,12 @@
 
 ``DaemonProc`` runs ``python -m kvstore.cli serve`` with its log (JSON lines
 on stderr) in a file, waits until ``/healthz`` answers, and stops it with a
-signal. ``Reply``/``call`` speak plain HTTP through http.client so tests
+signal. ``Reply``/``call`` (kvstore.benchmarks.netlab.call_host) speak plain HTTP so tests
 control headers and bodies exactly (bearer tokens, oversized or slow bodies).
 """
 
 from __future__ import annotations
 
-import http.client
 import importlib.util
 import json
 import os
@@ -17,10 +16,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvstore.benchmarks.netlab import HttpReply, call_host
 from kvstore.keys import Namespace, prefix_keys
 from kvstore.spec import KVSpec, ModelFingerprint
 from tests.redis_servers import free_port
@@ -49,21 +48,8 @@ def chunk_bytes(seed: int, nbytes: int = 2048) -> bytes:
     return bytes((seed * 7919 + i * 31) % 251 for i in range(nbytes))
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One HTTP reply: status, headers (lower-case names) and body."""
-
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        """The body as JSON (a dict for every JSON reply of the admin API)."""
-        out = json.loads(self.body)
-        assert isinstance(out, dict), self.body
-        return out
-
-
+#: One HTTP reply (status, lower-case headers, body; ``json()`` refuses anything but an object).
+Reply = HttpReply
 Body = bytes | Mapping[str, Any] | list[Any] | None
 
 
@@ -77,19 +63,7 @@ def call(
     timeout: float = 30.0,
 ) -> Reply:
     """One request to 127.0.0.1:``port``; a dict/list body is sent as JSON."""
-    raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    hdrs = dict(headers or {})
-    if not isinstance(body, bytes) and body is not None:
-        hdrs.setdefault("Content-Type", "application/json")
-    if token is not None:
-        hdrs["Authorization"] = f"Bearer {token}"
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=raw, headers=hdrs)
-        r = conn.getresponse()
-        return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
-    finally:
-        conn.close()
+    return call_host("127.0.0.1", port, method, path, body, token, headers, timeout)
 
 
 class DaemonProc:

@@ -10,8 +10,6 @@ DiskFull, which shows the scenario really is a full disk.
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,28 +20,10 @@ from kvstore.keys import ChunkKey, NamespaceId
 from kvstore.tiers.base import ChunkMeta
 from kvstore.tiers.disk import DiskTier, DiskTierConfig
 from kvstore.tiers.disk_reserve import RESERVE_NAME, DiskReserve, reserve_size
+from tests.tiers.test_disk import tiny_fs  # noqa: F401 (a fixture: a 2 MiB tmpfs)
 
 NS = bytes(16)
 BLOB = 1000  # small records: clearing them copies many B-tree leaves
-
-
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a 2 MiB tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _key(i: int) -> ChunkKey:
