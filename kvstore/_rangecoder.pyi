@@ -6,12 +6,22 @@ Buffers are bytes-like objects (bytes, memoryview, numpy arrays); every error is
 offset in 1/256 (0..128; 128 rounds to nearest). ``rope``: rotates (``rotate``) or un-rotates the
 pairs ``(d, d + head_dim/2)`` of every K slab (even slabs when ``kv_factor`` is 2) of tokens
 ``exact..`` by a ``[tokens][head_dim/2][2]`` float32 (cos, sin) table; other slabs are copied.
+``tscale``: None, or format 4's per-(slab, token) step codes (int8 in [-8, 8], ``[slabs][tokens -
+exact]``, from ``token_codes``): a value's step is its channel's step times ``bfloat16(2^(code/4))``.
 """
 
 from typing_extensions import Buffer
 
+def token_codes(src: Buffer, dtype: int, slabs: int, tokens: int, channels: int, exact: int, heads: int) -> bytes: ...
 def quant_params(
-    src: Buffer, dtype: int, slabs: int, tokens: int, channels: int, exact: int, targets: Buffer
+    src: Buffer,
+    dtype: int,
+    slabs: int,
+    tokens: int,
+    channels: int,
+    exact: int,
+    targets: Buffer,
+    tscale: Buffer | None,
 ) -> bytes: ...
 def quantize(
     src: Buffer,
@@ -24,6 +34,7 @@ def quantize(
     rnd256: int,
     plo: Buffer | None,
     pn: Buffer | None,
+    tscale: Buffer | None,
 ) -> tuple[bytes, bytes, bytes, bytes]: ...
 def histogram(symbols: Buffer, slabs: int, tokens_q: int, channels: int) -> bytes: ...
 def encode_streams(
@@ -70,6 +81,7 @@ def decode_chunk(
     qparams: Buffer,
     dtype: int,
     out: Buffer,
+    tscale: Buffer | None,
 ) -> None: ...
 def rope(
     src: Buffer,

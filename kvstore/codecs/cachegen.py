@@ -11,7 +11,9 @@ channel's step before the final rounding to the chunk's dtype. With
 quantizing and rotated back after decoding (:mod:`cachegen_rope`). With a
 profile that holds a per-head transform, the values are quantized as that
 transform's components with one step per level (:mod:`cachegen_transform`);
-such containers (format 3) name the profile as ``transform``. The first
+such containers (format 3) name the profile as ``transform``. With ``token_scale`` (the default),
+each (slab, token) also has a step code from the token's own norms (format 4: finer steps for
+small-norm tokens, those attention piles onto; :func:`cachegen_coder.token_codes`). The first
 ``exact_tokens`` tokens of a chunk (the attention sink at a sequence start)
 are stored verbatim. Symbols are range-coded with a static 16-bit table per
 (slab, channel), taken from a shared :class:`CachegenProfile` where one is
@@ -34,7 +36,7 @@ from typing import ClassVar
 
 from kvstore.buffers import U8
 from kvstore.codecs.base import ChunkLayout, Codec, CodecParams, register_codec
-from kvstore.codecs.cachegen_coder import SECTION_NAMES, ProfileTables, decode_sections, encode_sections
+from kvstore.codecs.cachegen_coder import ProfileTables, decode_sections, encode_sections, section_names
 from kvstore.codecs.cachegen_params import (
     CONFIG_KEYS,
     CONTAINER_KEYS,
@@ -72,7 +74,9 @@ class CachegenCodec(Codec):
     ``profile`` (digest of a :class:`CachegenProfile`, default none), ``rope_theta`` (0: keys as
     they are; else the model's RoPE base), and, never written into containers, ``profile_dir``
     (where ``<digest>.cgprofile`` files are found) and ``profile_tables`` (default true; false
-    keeps the profile's sensitivity but writes inline tables, so containers name no profile).
+    keeps the profile's sensitivity but writes inline tables, so containers name no profile), and
+    ``token_scale`` (default true: per-(slab, token) step codes, container format 4; false writes
+    format 2 or 3 as earlier versions did).
     """
 
     name: ClassVar[str] = "cachegen"
@@ -110,7 +114,7 @@ class CachegenCodec(Codec):
         setup = self.setup(layout)
         p = self.config
         sections = encode_sections(
-            data, setup.geometry, p.group, setup.plan, setup.tables, p.rope_theta, setup.transform
+            data, setup.geometry, p.group, setup.plan, setup.tables, p.rope_theta, setup.transform, p.token_scale
         )
         return pack(self.name, setup.params, layout, sections)
 
@@ -151,8 +155,9 @@ class CachegenCodec(Codec):
         p = CachegenParams.parse(c.params, CodecError, CONTAINER_KEYS, default_format=1)
         if c.dtype not in DTYPE_CODES:
             raise CodecError(f"cachegen container claims dtype {c.dtype}, which cachegen never writes")
-        if tuple(s.name for s in c.sections) != SECTION_NAMES:
-            raise CodecError(f"cachegen sections {[s.name for s in c.sections]} are not {SECTION_NAMES}")
+        names = section_names(p.token_scale)
+        if tuple(s.name for s in c.sections) != names:
+            raise CodecError(f"cachegen sections {[s.name for s in c.sections]} are not {names}")
         g = Geometry.of(c.layout, p.exact_tokens)
         if p.rope_theta and (g.kv_factor != 2 or g.head_dim % 2):
             raise CodecError("cachegen container rotates keys of a layout without them (rope_theta)")
@@ -161,7 +166,7 @@ class CachegenCodec(Codec):
             profile.check_fits(g, None, CodecError)
         transform = self.transform_of(p, g)
         target = output_bytes(out, c.layout)
-        sections = {name: c.section(name) for name in SECTION_NAMES}
+        sections = {name: c.section(name) for name in names}
         decode_sections(sections, g, p.group, _tables(profile), target, p.rope_theta, transform)
         return c.layout
 

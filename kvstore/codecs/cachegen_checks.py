@@ -59,8 +59,9 @@ def stream_ends(offsets: bytes | memoryview, count: int, data_len: int) -> npt.N
     return ends
 
 
-def check_qparams(qparams: bytes | memoryview, count: int) -> None:
-    """Raise CodecError unless means are finite and steps positive normal bfloat16 numbers."""
+def check_qparams(qparams: bytes | memoryview, count: int, token_scale: bool = False) -> None:
+    """Raise CodecError unless means are finite and steps positive normal bfloat16 numbers (below
+    2^126 with format 4's step codes, so that 4 times a step is finite)."""
     words = np.frombuffer(qparams, "<u2")
     if words.size != 2 * count:
         raise CodecError("cachegen qparams have the wrong size")
@@ -72,3 +73,5 @@ def check_qparams(qparams: bytes | memoryview, count: int) -> None:
         or ((step & 0x7F80) == 0).any()
     ):
         raise CodecError("cachegen qparams hold a non-finite mean or a step that is not positive and normal")
+    if token_scale and ((step & 0x7F80) > 0x7E00).any():
+        raise CodecError("cachegen qparams hold a step too large for token step codes")

@@ -10,6 +10,8 @@ Sections, in container order (sizes for ``N = slabs * channels`` tables,
 - ``tab_freq`` zstd frame of the u16le frequencies of the tables with ``n >= 2``, in table order
 - ``offsets``  ``S`` u32le: the end of each stream in ``streams``
 - ``streams``  the range-coded streams, back to back
+- ``tscale``   (format 4 only) zstd frame of ``slabs * tokens_q`` int8 step codes in [-8, 8]: the step
+  of (slab, token, channel) is the channel's step times ``bfloat16(2^(code / 4))``
 
 The four metadata sections are zstd frames (level 3, content size written):
 their steps are nearly constant per slab and, with a profile, ``tab_lo`` and
@@ -32,7 +34,7 @@ import zstandard
 
 from kvstore.buffers import U8, as_u8
 from kvstore.codecs import cachegen_rope as rope
-from kvstore.codecs.cachegen_params import NUM_SYMBOLS, Geometry, QuantPlan
+from kvstore.codecs.cachegen_params import NUM_SYMBOLS, QMAX, Geometry, QuantPlan
 from kvstore.codecs.cachegen_transform import HeadTransform, forward_chunk, inverse_into
 from kvstore.codecs.container import SectionData
 from kvstore.errors import CodecError, InvalidInput
@@ -43,12 +45,16 @@ except ImportError:  # the optional extension was not built (no C compiler at in
     _rc = None  # type: ignore[assignment]
 
 SECTION_NAMES: Final = ("qparams", "exact", "tab_lo", "tab_n", "tab_freq", "offsets", "streams")
+#: format 4's sections: the per-(slab, token) step codes last
+SCALED_SECTION_NAMES: Final = (*SECTION_NAMES, "tscale")
 #: sections stored as zstd frames
-META_SECTIONS: Final = frozenset({"qparams", "tab_lo", "tab_n", "tab_freq"})
+META_SECTIONS: Final = frozenset({"qparams", "tab_lo", "tab_n", "tab_freq", "tscale"})
 META_LEVEL: Final = 3
 MAX_WINDOW: Final = 1 << 23
 #: (lo, n, freq) bytes of a profile's tables, or None
 ProfileTables = tuple[bytes, bytes, bytes] | None
+#: largest magnitude of a format 4 step code (steps scale by 1/4 .. 4)
+MAX_TCODE: Final = 8
 Buffer = U8 | bytes | memoryview
 
 
@@ -67,6 +73,29 @@ def available() -> bool:
     return _rc is not None
 
 
+def section_names(token_scale: bool) -> tuple[str, ...]:
+    """The sections of a container, in order (format 4 has ``tscale``)."""
+    return SCALED_SECTION_NAMES if token_scale else SECTION_NAMES
+
+
+def token_codes(raw: Buffer, g: Geometry) -> bytes:
+    """Format 4's step code of every (slab, quantized token), from the chunk's values as stored.
+
+    ``n`` = the sum over KV heads of the head vector's L2 norm (float64, in order), ``c =
+    round(4 log2 n)`` (rounded against fixed thresholds, no log taken), and the code is ``c`` minus
+    the rounded mean of ``c`` over the slab's tokens, clipped to [-8, 8] (0 for an all-zero token):
+    a token whose values are small (those attention piles onto) gets a finer step, and the code does
+    not depend on where the chunk sits in a sequence.
+
+    Raises:
+        InvalidInput: NaN or infinite values.
+    """
+    try:
+        return rangecoder().token_codes(raw, g.dtype_code, g.slabs, g.tokens, g.channels, g.exact, g.heads)
+    except ValueError as exc:
+        raise InvalidInput(f"cachegen cannot encode this chunk: {exc}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Quantized:
     """A chunk's quantization: ``qparams`` section, symbols ``[slabs, tokens_q, channels]`` and tables."""
@@ -78,8 +107,11 @@ class Quantized:
     freq: bytes
 
 
-def quantize_chunk(raw: Buffer, g: Geometry, plan: QuantPlan, profile: ProfileTables) -> Quantized:
-    """Means, steps, symbols and tables of a chunk (tables defer to ``profile`` where it covers them).
+def quantize_chunk(
+    raw: Buffer, g: Geometry, plan: QuantPlan, profile: ProfileTables, tscale: bytes | None = None
+) -> Quantized:
+    """Means, steps, symbols and tables of a chunk (tables defer to ``profile`` where it covers them;
+    steps scaled per (slab, token) by ``tscale``'s codes when given).
 
     Raises:
         InvalidInput: NaN/infinite values, or values too large for bfloat16 steps.
@@ -87,11 +119,9 @@ def quantize_chunk(raw: Buffer, g: Geometry, plan: QuantPlan, profile: ProfileTa
     rc = rangecoder()
     plo, pn = (profile[0], profile[1]) if profile else (None, None)
     try:
-        qp = rc.quant_params(
-            raw, g.dtype_code, g.slabs, g.tokens, g.channels, g.exact, plan.targets.tobytes()
-        )
         geo = (g.dtype_code, g.slabs, g.tokens, g.channels, g.exact)
-        sym, lo, n, freq = rc.quantize(raw, *geo, qp, plan.rounding, plo, pn)
+        qp = rc.quant_params(raw, *geo, plan.targets.tobytes(), tscale)
+        sym, lo, n, freq = rc.quantize(raw, *geo, qp, plan.rounding, plo, pn, tscale)
     except ValueError as exc:
         raise InvalidInput(f"cachegen cannot encode this chunk: {exc}") from None
     return Quantized(qp, sym, lo, n, freq)
@@ -111,20 +141,23 @@ def encode_sections(
     profile: ProfileTables,
     rope_theta: float = 0.0,
     transform: HeadTransform | None = None,
+    token_scale: bool = False,
 ) -> list[tuple[str, SectionData]]:
-    """Every section of a chunk, in :data:`SECTION_NAMES` order (keys un-rotated first when
+    """Every section of a chunk, in :func:`section_names` order (keys un-rotated first when
     ``rope_theta`` applies, see :mod:`cachegen_rope`; values quantized as the components of
-    ``transform`` when given, see :mod:`cachegen_transform`).
+    ``transform`` when given, see :mod:`cachegen_transform`; steps scaled per (slab, token) with
+    ``token_scale``, see :func:`token_codes`).
 
     Raises:
         InvalidInput: the chunk's values cannot be encoded (see :func:`quantize_chunk`).
     """
+    ts = token_codes(raw, g) if token_scale else None
     if transform is not None:
-        q = quantize_chunk(forward_chunk(raw, g, rope_theta, transform), g.as_float32(), plan, profile)
+        q = quantize_chunk(forward_chunk(raw, g, rope_theta, transform), g.as_float32(), plan, profile, ts)
     elif rope.applies(g, rope_theta):
-        q = quantize_chunk(rope.unrotated(raw, g, rope_theta), g.as_float32(), plan, profile)
+        q = quantize_chunk(rope.unrotated(raw, g, rope_theta), g.as_float32(), plan, profile, ts)
     else:
-        q = quantize_chunk(raw, g, plan, profile)
+        q = quantize_chunk(raw, g, plan, profile, ts)
     p = profile or (None, None, None)
     try:
         offsets, streams = rangecoder().encode_streams(
@@ -133,15 +166,17 @@ def encode_sections(
     except ValueError as exc:  # unreachable: quantize only emits symbols its tables hold
         raise CodecError(f"cachegen encoder: {exc}") from None
     values: list[SectionData] = [q.qparams, exact_rows(raw, g), q.lo, q.n, q.freq, offsets, streams]
-    return pack_sections(dict(zip(SECTION_NAMES, values)))
+    if ts is not None:
+        values.append(ts)
+    return pack_sections(dict(zip(section_names(ts is not None), values)))
 
 
 def pack_sections(values: Mapping[str, SectionData]) -> list[tuple[str, SectionData]]:
-    """The sections in container order, the metadata ones (:data:`META_SECTIONS`) as zstd frames."""
+    """The sections in container order (format 4's when ``values`` has ``tscale``), the metadata ones
+    (:data:`META_SECTIONS`) as zstd frames."""
     zstd = zstandard.ZstdCompressor(level=META_LEVEL, write_content_size=True)
-    return [
-        (n, zstd.compress(as_u8(values[n]).data) if n in META_SECTIONS else values[n]) for n in SECTION_NAMES
-    ]
+    names = section_names("tscale" in values)
+    return [(n, zstd.compress(as_u8(values[n]).data) if n in META_SECTIONS else values[n]) for n in names]
 
 
 def _unzstd(frame: memoryview, name: str, sizes: range) -> bytes:
@@ -180,7 +215,22 @@ def open_sections(
             raise CodecError(f"cachegen section {name} holds {len(sections[name])} bytes, expected {size}")
         out[name] = sections[name]
     out["streams"] = sections["streams"]
+    if "tscale" in sections:
+        size = g.slabs * g.tokens_q
+        out["tscale"] = _unzstd(sections["tscale"], "tscale", range(size, size + 1))
+        codes = np.frombuffer(out["tscale"], np.int8)
+        if codes.size and (codes.min() < -MAX_TCODE or codes.max() > MAX_TCODE):
+            raise CodecError(f"cachegen section tscale holds codes outside [-{MAX_TCODE}, {MAX_TCODE}]")
     return out
+
+
+def live_components(s: Mapping[str, bytes | memoryview]) -> bytes:
+    """One byte per (slab, channel): 0 where the channel holds one value over the chunk's tokens (its
+    inline table has one symbol, and with step codes that symbol is the mean's), else 1."""
+    live = np.frombuffer(s["tab_n"], np.uint8) != 1
+    if "tscale" in s:
+        live |= np.frombuffer(s["tab_lo"], np.uint8) != QMAX
+    return live.astype(np.uint8).tobytes()
 
 
 def decode_sections(
@@ -218,11 +268,12 @@ def decode_sections(
             s["qparams"],
             2 if rotated else g.dtype_code,
             values,
+            s.get("tscale"),
         )
     except ValueError as exc:
         raise CodecError(f"cachegen: {exc}") from None
     if transform is not None:
-        inverse_into(values, target, g, rope_theta, transform, bytes(s["tab_n"]))
+        inverse_into(values, target, g, rope_theta, transform, live_components(s))
     elif rotated:
         rope.rotate_into(values, target, g, rope_theta)
     if g.exact:

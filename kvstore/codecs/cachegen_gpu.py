@@ -27,7 +27,13 @@ from kvstore.codecs import cachegen_rope as rope
 from kvstore.codecs.base import ChunkLayout
 from kvstore.codecs.cachegen import CachegenCodec
 from kvstore.codecs.cachegen_checks import check_qparams, stream_ends, table_offsets
-from kvstore.codecs.cachegen_coder import SECTION_NAMES, ProfileTables, open_sections, pack_sections
+from kvstore.codecs.cachegen_coder import (
+    ProfileTables,
+    live_components,
+    open_sections,
+    pack_sections,
+    section_names,
+)
 from kvstore.codecs.cachegen_params import (
     CONTAINER_KEYS,
     DTYPE_CODES,
@@ -50,14 +56,17 @@ KERNEL_SOURCE: Final = Path(__file__).with_name("kernels") / "cachegen.cu"
 #: argument kinds of each kernel: p pointer (an array), i int32, q int64
 SIGNATURES: Final[dict[str, str]] = {
     "cg_stats": "piqqqqppppp",
-    "cg_params": "pppppqqqqpp",
-    "cg_quantize": "piqqqqpip",
+    "cg_token_norms": "piqqqqqpp",
+    "cg_token_codes": "pqqp",
+    "cg_tdev": "piqqqqppp",
+    "cg_params": "pppppqqqqpppi",
+    "cg_quantize": "piqqqqpippi",
     "cg_tables": "pqqqipppppp",
     "cg_compact_freq": "pppqp",
     "cg_build_cum": "ppppippppqpppp",
     "cg_encode": "pqqqqppppppp",
     "cg_gather": "ppppqp",
-    "cg_decode": "ppqqqqqppppipipp",
+    "cg_decode": "ppqqqqqppppipipppi",
     "cg_rope": "pipiqqqqqipi",
     "cg_transform": "ppqqqqqppi",
 }
@@ -178,7 +187,7 @@ class GpuCoder:
         src = self.b.upload(raw) if isinstance(raw, np.ndarray) else raw
         p = self.codec.config
         sections = self._sections(
-            src, setup.geometry, p.group, setup.plan, setup.tables, p.rope_theta, setup.transform
+            src, setup.geometry, p.group, setup.plan, setup.tables, p.rope_theta, setup.transform, p.token_scale
         )
         return pack(self.codec.name, setup.params, layout, sections)
 
@@ -222,18 +231,37 @@ class GpuCoder:
                 f"cachegen cannot encode this chunk: {_ERRORS.get(code, 'a symbol outside its table')}"
             )
 
-    def _quantize(self, src: Array, g: Geometry, plan: QuantPlan) -> tuple[Array, Array]:
-        """(qparams, symbols) on the device."""
+    def _token_codes(self, src: Array, g: Geometry) -> Array:
+        """Format 4's step codes (int8 ``[slabs][tokens_q]``) of the chunk as stored, on the device."""
+        b, count = self.b, g.slabs * g.tokens_q
+        code, bad = b.empty(max(count, 1), np.int64), b.upload(np.zeros(1, np.int32))
+        geo = (g.slabs, g.tokens, g.channels, g.exact, g.heads)
+        b.launch("cg_token_norms", count, src, g.dtype_code, *geo, code, bad)
+        self._check(bad, InvalidInput)
+        tcodes = b.empty(max(count, 1), np.int8)
+        b.launch("cg_token_codes", g.slabs, code, g.slabs, g.tokens_q, tcodes)
+        return tcodes
+
+    def _quantize(
+        self, src: Array, g: Geometry, plan: QuantPlan, tcodes: Array | None = None
+    ) -> tuple[Array, Array]:
+        """(qparams, symbols) on the device (steps scaled per (slab, token) by ``tcodes`` when given)."""
         b, nch = self.b, g.num_channels
         sums, sumsq = b.empty(nch, np.float64), b.empty(nch, np.float64)
         mn, mx, bad = b.empty(nch, np.float32), b.empty(nch, np.float32), b.upload(np.zeros(1, np.int32))
         geo = (g.slabs, g.tokens, g.channels, g.exact)
         b.launch("cg_stats", nch, src, g.dtype_code, *geo, sums, sumsq, mn, mx, bad)
+        have = int(tcodes is not None)
+        codes = tcodes if tcodes is not None else b.upload(np.zeros(1, np.int8))
+        tdev = b.empty(nch if have else 1, np.float32)
+        if have:
+            b.launch("cg_tdev", nch, src, g.dtype_code, *geo, sums, codes, tdev)
         qparams = b.empty(2 * nch, np.uint16)
-        b.launch("cg_params", g.slabs, sums, sumsq, mn, mx, b.upload(plan.targets), *geo, qparams, bad)
+        targets = b.upload(plan.targets)
+        b.launch("cg_params", g.slabs, sums, sumsq, mn, mx, targets, *geo, qparams, bad, tdev, have)
         self._check(bad, InvalidInput)
         sym = b.empty(nch * g.tokens_q, np.uint8)
-        b.launch("cg_quantize", nch * g.tokens_q, src, g.dtype_code, *geo, qparams, plan.rounding, sym)
+        b.launch("cg_quantize", nch * g.tokens_q, src, g.dtype_code, *geo, qparams, plan.rounding, sym, codes, have)
         return qparams, sym
 
     def _tables(self, sym: Array, g: Geometry, prof: ProfileArrays) -> tuple[list[Array], np.ndarray, Cum]:
@@ -285,27 +313,31 @@ class GpuCoder:
         profile: ProfileTables,
         theta: float,
         transform: HeadTransform | None = None,
+        token_scale: bool = False,
     ) -> list[tuple[str, SectionData]]:
         b = self.b
+        tcodes = self._token_codes(src, g) if token_scale else None
         if transform is not None:
             values = b.empty(g.slabs * g.tokens * g.channels, np.float32)
             self._to_float32(src, g, theta, 0, values)
             z = b.empty(g.slabs * g.tokens * g.channels, np.float32)
             self._transform(values, z, g, transform.forward, None)
-            qparams, sym = self._quantize(z, g.as_float32(), plan)
+            qparams, sym = self._quantize(z, g.as_float32(), plan, tcodes)
         elif rope.applies(g, theta):
             values = b.empty(g.slabs * g.tokens * g.channels * 4, np.uint8)
             self._rope(src, g.dtype_code, values, 2, g, theta, 0)
-            qparams, sym = self._quantize(values, g.as_float32(), plan)
+            qparams, sym = self._quantize(values, g.as_float32(), plan, tcodes)
         else:
-            qparams, sym = self._quantize(src, g, plan)
+            qparams, sym = self._quantize(src, g, plan, tcodes)
         (lo, n, freq), counts, cum = self._tables(sym, g, self._profile_arrays(profile, g.num_channels))
         ends, data = self._streams(sym, g, group, cum)
         rows = src.reshape(g.slabs, g.tokens, g.channels * g.itemsize)[:, : g.exact]
         host = [b.download(x).tobytes() for x in (qparams, rows, lo, n)]
         freq_bytes = b.download(freq)[: int(counts.sum())].tobytes()
         values = [*host, freq_bytes, ends.astype("<u4").tobytes(), data]
-        return pack_sections(dict(zip(SECTION_NAMES, values)))
+        if tcodes is not None:
+            values.append(b.download(tcodes)[: g.slabs * g.tokens_q].tobytes())
+        return pack_sections(dict(zip(section_names(tcodes is not None), values)))
 
     def _container(
         self, container: bytes | memoryview | U8
@@ -314,7 +346,8 @@ class GpuCoder:
         codec wrote."""
         c = unpack_for(container, self.codec.name)
         p = CachegenParams.parse(c.params, CodecError, CONTAINER_KEYS, default_format=1)
-        if c.dtype not in DTYPE_CODES or tuple(s.name for s in c.sections) != SECTION_NAMES:
+        names = section_names(p.token_scale)
+        if c.dtype not in DTYPE_CODES or tuple(s.name for s in c.sections) != names:
             raise CodecError("not a container cachegen writes (dtype or sections)")
         g = Geometry.of(c.layout, p.exact_tokens)
         if p.rope_theta and (g.kv_factor != 2 or g.head_dim % 2):
@@ -337,14 +370,14 @@ class GpuCoder:
             if int(out.size) < c.layout.nbytes:
                 raise InvalidInput("output is too small for the decoded chunk")
             host_out, device_out = None, out
-        s = open_sections({name: c.section(name) for name in SECTION_NAMES}, g, group)
-        check_qparams(s["qparams"], g.num_channels)
+        s = open_sections({sec.name: c.section(sec.name) for sec in c.sections}, g, group)
+        check_qparams(s["qparams"], g.num_channels, "tscale" in s)
         qparams = self.b.upload(np.frombuffer(s["qparams"], "<u2"))
         if transform is not None:
             z = self.b.empty(g.slabs * g.tokens * g.channels, np.float32)
             self._run_decoder(s, g.as_float32(), group, profile, qparams, z, None)
             x = self.b.empty(g.slabs * g.tokens * g.channels, np.float32)
-            live = (np.frombuffer(s["tab_n"], np.uint8) != 1).astype(np.uint8)
+            live = np.frombuffer(live_components(s), np.uint8)
             self._transform(z, x, g, transform.inverse, live)
             self._to_float32(x, g, theta, 1, device_out)
         elif rope.applies(g, theta):
@@ -369,7 +402,7 @@ class GpuCoder:
             CodecError: as :meth:`decode_into`.
         """
         c, g, group, profile, _, _ = self._container(container)
-        s = open_sections({name: c.section(name) for name in SECTION_NAMES}, g, group)
+        s = open_sections({sec.name: c.section(sec.name) for sec in c.sections}, g, group)
         sym = self.b.empty(g.num_channels * g.tokens_q, np.uint8)
         self._run_decoder(s, g, group, profile, self.b.empty(2, np.uint16), self.b.empty(1, np.uint8), sym)
         return bytes(self.b.download(sym)[: g.num_channels * g.tokens_q].tobytes())
@@ -398,6 +431,8 @@ class GpuCoder:
         bad, data = b.empty(streams, np.int32), b.upload(np.frombuffer(s["streams"], np.uint8))
         geo = (g.slabs, g.tokens, g.channels, g.exact, group)
         sink = (out, 0, b.empty(1, np.uint8)) if symbols is None else (out, 1, symbols)
+        scaled = "tscale" in s and symbols is None
+        tcodes = b.upload(np.frombuffer(s["tscale"], np.int8)) if scaled else b.upload(np.zeros(1, np.int8))
         b.launch(
             "cg_decode",
             streams,
@@ -411,6 +446,8 @@ class GpuCoder:
             g.dtype_code,
             *sink,
             bad,
+            tcodes,
+            int(scaled),
         )
         if b.download(bad)[:streams].any():
             raise CodecError("a cachegen stream is corrupt (bytes left over, missing or inconsistent)")

@@ -34,6 +34,16 @@ LEVEL_BINS: Final[dict[int, float]] = {0: 4.0, 1: 3.0, 2: 2.0, 3: 1.4, 4: 1.1}
 LEVEL_LAMBDA: Final[dict[int, float]] = {0: 2.76e-5, 1: 3.55e-5, 2: 4.33e-5, 3: 6.0e-5, 4: 7.7e-5}
 #: level -> uniform step of every component with a per-head transform (cachegen_transform)
 LEVEL_DELTA: Final[dict[int, float]] = {0: 2.4e-5, 1: 3.0e-5, 2: 3.6e-5, 3: 4.5e-5, 4: 6.0e-5}
+#: with per-token step scales (format 4), every level's step is this many times its own: the scales make
+#: small-norm tokens (those attention piles onto) finer and the rest coarser (docs/codecs.md)
+TOKEN_SCALE_STEP: Final = 1.3
+#: format 4's step multiplier of code k (-8..8) as float32 bits: bfloat16(2^(k/4)), exactly the C and CUDA
+#: coders' table (a bfloat16 step times one of these is exact in float32)
+TOKEN_MULTIPLIER_BITS: Final = (
+    0x3E800000, 0x3E980000, 0x3EB50000, 0x3ED70000, 0x3F000000, 0x3F180000, 0x3F350000, 0x3F570000,
+    0x3F800000, 0x3F980000, 0x3FB50000, 0x3FD70000, 0x40000000, 0x40180000, 0x40350000, 0x40570000,
+    0x40800000,
+)  # fmt: skip
 #: level -> rounding offset in 1/256 (128: round to nearest; less: a deadzone around zero)
 LEVEL_ROUNDING: Final[dict[int, int]] = {0: 128, 1: 128, 2: 128, 3: 128, 4: 128}
 DEFAULT_LEVEL: Final = 1
@@ -45,11 +55,13 @@ CONTAINER_KEYS: Final = frozenset(
     {"format", "level", "exact_tokens", "group", "layer_ramp", "profile", "rope_theta", "transform"}
 )
 #: container format: 1 (no ``format`` key) never rotates keys; 2 may (``rope_theta``); 3 may also
-#: name the profile whose per-head transform its values went through (``transform``)
-FORMAT: Final = 3
+#: name the profile whose per-head transform its values went through (``transform``); 4 adds the
+#: ``tscale`` section, a step code per (slab, token) (``token_scale``)
+FORMAT: Final = 4
 MAX_ROPE_THETA: Final = 1e12
-#: ``transform`` is never configured: the encoder uses the transform of its profile when it has one
-CONFIG_KEYS: Final = (CONTAINER_KEYS - {"transform"}) | {"profile_dir", "profile_tables"}
+#: ``transform`` is never configured: the encoder uses the transform of its profile when it has one;
+#: ``token_scale`` is configured, and a container says it by its format (4)
+CONFIG_KEYS: Final = (CONTAINER_KEYS - {"transform"}) | {"profile_dir", "profile_tables", "token_scale"}
 
 F64 = npt.NDArray[np.float64]
 
@@ -82,8 +94,9 @@ class CachegenParams:
     Invariants: ``level`` is a key of :data:`LEVEL_BINS`; ``0 <= exact_tokens``;
     ``1 <= group <= MAX_GROUP``; ``1 <= layer_ramp <= 8``; ``profile`` is ""
     (none) or a 32-hex-digit profile digest, and so is ``transform`` (the profile whose per-head
-    transform the values went through, format 3 only); ``rope_theta`` is 0 (keys coded as they are) or
-    in ``(1, MAX_ROPE_THETA]`` (keys un-rotated by that RoPE base before quantizing).
+    transform the values went through, formats 3 and 4); ``rope_theta`` is 0 (keys coded as they are) or
+    in ``(1, MAX_ROPE_THETA]`` (keys un-rotated by that RoPE base before quantizing); ``token_scale``:
+    each (slab, token) has a step code (format 4, :func:`cachegen_coder.token_codes`).
     """
 
     level: int = DEFAULT_LEVEL
@@ -93,6 +106,7 @@ class CachegenParams:
     profile: str = ""
     rope_theta: float = 0.0
     transform: str = ""
+    token_scale: bool = True
 
     @classmethod
     def parse(
@@ -112,10 +126,13 @@ class CachegenParams:
         ramp, profile = _float(params, "layer_ramp", 1.0, error), _str(params, "profile", error)
         rope, fmt = _float(params, "rope_theta", 0.0, error), _int(params, "format", default_format, error)
         transform = _str(params, "transform", error)
-        if fmt not in (1, 2, FORMAT) or (fmt == 1 and rope) or (fmt < 3 and "transform" in params):
+        if fmt not in (1, 2, 3, FORMAT) or (fmt == 1 and rope) or (fmt < 3 and "transform" in params):
             raise error(
                 f"cachegen container format {fmt} (with rope_theta {rope}) is not one this version reads"
             )
+        scaled = params.get("token_scale", fmt >= 4)
+        if not isinstance(scaled, bool) or ("token_scale" in params and "format" in params):
+            raise error(f"cachegen token_scale must be a bool (and not given with a format), got {scaled!r}")
         if rope and not 1.0 < rope <= MAX_ROPE_THETA:
             raise error(f"cachegen rope_theta must be 0 or in (1, {MAX_ROPE_THETA:g}], got {rope}")
         if level not in LEVEL_BINS:
@@ -127,12 +144,17 @@ class CachegenParams:
         for key, digest in (("profile", profile), ("transform", transform)):
             if digest and (len(digest) != 32 or any(ch not in "0123456789abcdef" for ch in digest)):
                 raise error(f"cachegen {key} must be a 32-hex-digit digest, got {digest!r}")
-        return cls(level, exact, group, ramp, profile, rope, transform)
+        return cls(level, exact, group, ramp, profile, rope, transform, scaled)
+
+    @property
+    def format(self) -> int:
+        """The container format these params write: 4 with token steps, else 3 with a transform, else 2."""
+        return FORMAT if self.token_scale else 3 if self.transform else 2
 
     def as_dict(self) -> dict[str, int | float | str | bool]:
-        """The container's params: format 3 (naming the transform) only when there is one, else 2."""
+        """The container's params (the format says whether there are token step codes)."""
         out: dict[str, int | float | str | bool] = {
-            "format": FORMAT if self.transform else 2,
+            "format": self.format,
             "level": self.level,
             "exact_tokens": self.exact_tokens,
             "group": self.group,
@@ -196,6 +218,12 @@ class Geometry:
         return self.slabs * -(-self.channels // group)
 
 
+def token_multipliers(codes: bytes | memoryview) -> npt.NDArray[np.float32]:
+    """The step multiplier (float32) of each format 4 step code (int8 in [-8, 8])."""
+    table = np.array(TOKEN_MULTIPLIER_BITS, np.uint32).view(np.float32)
+    return table[np.frombuffer(codes, np.int8).astype(np.int64) + 8]
+
+
 def slab_bins(geometry: Geometry, params: CachegenParams) -> F64:
     """Bins per sigma of every slab (level bins, ramped up toward the first layer)."""
     layers = geometry.slabs // geometry.kv_factor
@@ -238,16 +266,17 @@ def step_targets(
     metric: ``b = LEVEL_DELTA[level] / sqrt(sensitivity)`` (1 everywhere: one uniform step).
     """
     n = geometry.num_channels
+    scale = TOKEN_SCALE_STEP if params.token_scale else 1.0
     if transformed:
         w = np.ones(n) if sensitivity is None else sensitivity.astype(np.float64)
-        return np.concatenate([np.zeros(n), LEVEL_DELTA[params.level] / np.sqrt(w)])
+        return np.concatenate([np.zeros(n), scale * LEVEL_DELTA[params.level] / np.sqrt(w)])
     if sensitivity is None:
-        a = np.repeat(1.0 / slab_bins(geometry, params), geometry.channels)
+        a = np.repeat(scale / slab_bins(geometry, params), geometry.channels)
         return np.concatenate([a, np.zeros(n)])
     w = sensitivity.astype(np.float64)
     if params.rope_theta and geometry.kv_factor == 2:  # a key pair's error turns with it: one step per pair
         pairs = w.reshape(geometry.slabs // 2, 2, geometry.heads, 2, geometry.head_dim // 2)
         pairs[:, 0] = pairs[:, 0].mean(axis=2, keepdims=True)  # K slabs: [layers][heads][half][d]
         w = pairs.reshape(-1)
-    b = LEVEL_LAMBDA[params.level] / np.sqrt(w)
+    b = scale * LEVEL_LAMBDA[params.level] / np.sqrt(w)
     return np.concatenate([np.zeros(n), b])

@@ -38,7 +38,7 @@ import numpy.typing as npt
 from kvstore.buffers import U8
 from kvstore.codecs import cachegen_rope as rope
 from kvstore.codecs.base import ChunkLayout
-from kvstore.codecs.cachegen_coder import quantize_chunk, rangecoder
+from kvstore.codecs.cachegen_coder import quantize_chunk, rangecoder, token_codes
 from kvstore.codecs.cachegen_params import (
     F64,
     FREQ_TOTAL,
@@ -251,7 +251,8 @@ def build_profile(
     transform: HeadTransform | None = None,
 ) -> CachegenProfile:
     """A profile from sample chunks (any token counts) of one geometry, quantized as ``params`` says
-    (its ``level``, ``layer_ramp`` and ``rope_theta``: a codec uses it only with the same three).
+    (its ``level``, ``layer_ramp`` and ``rope_theta``: a codec uses it only with the same three; and
+    its ``token_scale``: the tables fit the codec's symbols best when it matches the codec's).
 
     Args:
         samples: (raw chunk bytes, layout) pairs, e.g. the KV of a few real prompts.
@@ -280,15 +281,16 @@ def build_profile(
         if weights is not None and weights.shape != (g.num_channels,):
             raise InvalidInput(f"cachegen sensitivity needs {g.num_channels} values, got {weights.shape}")
         plan = QuantPlan.of(g, params, weights, transform is not None)
+        ts = token_codes(raw, g) if params.token_scale else None
         if transform is not None:
             if not transform_fits(transform, g):
                 raise InvalidInput("cachegen profile transform does not fit the sample chunks")
             z = forward_chunk(raw, g, params.rope_theta, transform)
-            q = quantize_chunk(z, g.as_float32(), plan, None)
+            q = quantize_chunk(z, g.as_float32(), plan, None, ts)
         elif rope.applies(g, params.rope_theta):
-            q = quantize_chunk(rope.unrotated(raw, g, params.rope_theta), g.as_float32(), plan, None)
+            q = quantize_chunk(rope.unrotated(raw, g, params.rope_theta), g.as_float32(), plan, None, ts)
         else:
-            q = quantize_chunk(raw, g, plan, None)
+            q = quantize_chunk(raw, g, plan, None, ts)
         hist = np.frombuffer(rc.histogram(q.symbols, g.slabs, g.tokens_q, g.channels), "<u4")
         counts = hist.reshape(g.num_channels, NUM_SYMBOLS).astype(np.uint64)
         total = counts if total is None else total + counts

@@ -156,9 +156,9 @@ def forward_chunk(raw: U8 | bytes, g: Geometry, theta: float, t: HeadTransform) 
     return z
 
 
-def inverse_into(values: U8, target: U8, g: Geometry, theta: float, t: HeadTransform, tab_n: bytes) -> None:
-    """Write the decoded components ``values`` (float32) back as the chunk's values into ``target``."""
-    live = (np.frombuffer(tab_n, np.uint8) != 1).astype(np.uint8).tobytes()
+def inverse_into(values: U8, target: U8, g: Geometry, theta: float, t: HeadTransform, live: bytes) -> None:
+    """Write the decoded components ``values`` (float32) back as the chunk's values into ``target``
+    (``live``: one byte per component, 0 where it holds one value over the chunk's tokens)."""
     x = np.empty_like(values)
     apply(values, x, g, t.inverse, live)
     if rope.applies(g, theta):

@@ -4,18 +4,23 @@
  * Python API (kvstore/_rangecoder.pyi); every buffer is little-endian, every heavy loop runs
  * without the GIL, every error is a ValueError (the codec turns it into CodecError):
  *
- *   quant_params(src, dtype, slabs, tokens, channels, exact, targets) -> bytes
- *   quantize(src, dtype, slabs, tokens, channels, exact, qparams, rnd256, plo, pn) -> (symbols, lo, n, freq)
+ *   token_codes(src, dtype, slabs, tokens, channels, exact, heads) -> bytes (int8 [slabs][tokens - exact])
+ *   quant_params(src, dtype, slabs, tokens, channels, exact, targets, tscale) -> bytes
+ *   quantize(src, dtype, slabs, tokens, channels, exact, qparams, rnd256, plo, pn, tscale)
+ *       -> (symbols, lo, n, freq)
  *   histogram(symbols, slabs, tokens_q, channels) -> bytes (u32 counts [slabs*channels][255])
  *   encode_streams(symbols, slabs, tokens_q, channels, group, lo, n, freq, plo, pn, pfreq)
  *       -> (offsets, data)
  *   decode_symbols(data, offsets, slabs, tokens_q, channels, group, lo, n, freq, plo, pn, pfreq)
  *       -> bytes
  *   decode_chunk(data, offsets, slabs, tokens, channels, exact, group, lo, n, freq, plo, pn, pfreq,
- *                qparams, dtype, out) -> None
+ *                qparams, dtype, out, tscale) -> None
  *   rope(src, src_dtype, dst, dst_dtype, slabs, tokens, exact, heads, head_dim, kv_factor, table, rotate)
  *       -> None
  *   transform(src, dst, slabs, tokens, exact, heads, head_dim, matrices, live) -> None
+ *
+ * tscale: None, or the per-(slab, token) step codes of format 4 (int8 in [-8, 8], [slabs][tokens - exact]):
+ * the step of (slab, token, channel) is then step[channel] * CG_TMULT[code], an exact float product.
  *
  * The same arithmetic lives in kvstore/codecs/kernels/cachegen.cu; both must stay bit-identical:
  * statistics are sequential double sums in token order, products that could be contracted into an
@@ -140,6 +145,123 @@ static int get_opt_buffer(PyObject *obj, Py_buffer *view, int writable) {
 
 static void release(Py_buffer *view) { if (view->obj != NULL) PyBuffer_Release(view); }
 
+/* ---------------------------------------------------------------- per-token step scales (format 4) */
+
+#define CG_TCODE_MAX 8
+#define CG_TSTEP_MAX_EXP 0x7E00  /* with token codes a step is below 2^126: 4 times it is finite */
+/* bfloat16(2^(k/4)) for k = -8..8, as float bits: every product with a bfloat16 step is exact. */
+static const uint32_t CG_TMULT_BITS[2 * CG_TCODE_MAX + 1] = {
+    0x3e800000u, 0x3e980000u, 0x3eb50000u, 0x3ed70000u, 0x3f000000u, 0x3f180000u, 0x3f350000u, 0x3f570000u,
+    0x3f800000u, 0x3f980000u, 0x3fb50000u, 0x3fd70000u, 0x40000000u, 0x40180000u, 0x40350000u, 0x40570000u,
+    0x40800000u};
+/* 2^((2i + 1) / 8), i = 0..3, as double bits: a mantissa in [1, 2) at or above threshold i rounds up. */
+static const uint64_t CG_TTHRESH_BITS[4] = {0x3ff172b83c7d517bull, 0x3ff4bfdad5362a27ull, 0x3ff8ace5422aa0dbull,
+                                            0x3ffd5818dcfba487ull};
+
+static inline float tmult(int8_t k) { return u2f(CG_TMULT_BITS[k + CG_TCODE_MAX]); }
+
+/* round(4 * log2 n) of a positive normal double, rounded in the log domain against fixed thresholds on
+ * the mantissa (no log taken, so every platform gets the same integer). */
+static inline int64_t quarter_octave(double n) {
+    uint64_t b, mb;
+    memcpy(&b, &n, 8);
+    int64_t e = (int64_t)((b >> 52) & 0x7FF) - 1023;
+    mb = (b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull;
+    double m, th;
+    memcpy(&m, &mb, 8);
+    int j = 0;
+    for (int i = 0; i < 4; i++) {
+        memcpy(&th, &CG_TTHRESH_BITS[i], 8);
+        j += m >= th;
+    }
+    return 4 * e + j;
+}
+
+/* floor(a / b) for b > 0 */
+static inline int64_t floor_div(int64_t a, int64_t b) {
+    int64_t q = a / b;
+    return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+/* Step codes of one slab's quantized tokens: n_t = sum over heads of the head vector's L2 norm
+ * (double, heads and dims in order), c_t = quarter_octave(n_t), centre = the rounded mean of c_t over
+ * tokens with n_t > 0, code = clamp(c_t - centre, -8, 8) (0 where n_t = 0). -1 on a non-finite value.
+ * codes[t] scratch: int64 per token. */
+static int slab_token_codes(const uint8_t *src, int dtype, const geom_t *g, Py_ssize_t heads, Py_ssize_t s,
+                            int64_t *c, int8_t *out) {
+    Py_ssize_t C = g->channels, D = C / heads, tq = g->tokens - g->exact;
+    int64_t sum = 0, cnt = 0;
+    for (Py_ssize_t t = 0; t < tq; t++) {
+        size_t row = ((size_t)s * (size_t)g->tokens + (size_t)(g->exact + t)) * (size_t)C;
+        double n = 0.0;
+        for (Py_ssize_t h = 0; h < heads; h++) {
+            double q = 0.0;
+            for (Py_ssize_t d = 0; d < D; d++) {
+                float x = load_value(src, dtype, row + (size_t)(h * D + d));
+                if (!isfinite(x)) return -1;
+                double xd = (double)x;
+                q += xd * xd;
+            }
+            n += sqrt(q);
+        }
+        if (!(n < INFINITY)) return -1;
+        if (n > 0.0) { c[t] = quarter_octave(n); sum += c[t]; cnt++; }
+        else c[t] = INT64_MIN;
+    }
+    int64_t centre = cnt ? floor_div(2 * sum + cnt, 2 * cnt) : 0;
+    for (Py_ssize_t t = 0; t < tq; t++) {
+        int64_t k = c[t] == INT64_MIN ? 0 : c[t] - centre;
+        out[t] = (int8_t)(k < -CG_TCODE_MAX ? -CG_TCODE_MAX : (k > CG_TCODE_MAX ? CG_TCODE_MAX : k));
+    }
+    return 0;
+}
+
+static PyObject *py_token_codes(PyObject *self, PyObject *args) {
+    Py_buffer src;
+    int dtype;
+    Py_ssize_t heads;
+    geom_t g = {0, 0, 0, 0, 1};
+    if (!PyArg_ParseTuple(args, "y*innnnn", &src, &dtype, &g.slabs, &g.tokens, &g.channels, &g.exact, &heads))
+        return NULL;
+    PyObject *result = NULL;
+    int64_t *scratch = NULL;
+    Py_ssize_t nch, numel, nq;
+    int bad = 0;
+    if (check_geom(&g) < 0 || mul(g.slabs, g.channels, &nch) < 0 || mul(nch, g.tokens, &numel) < 0 ||
+        mul(g.slabs, g.tokens - g.exact, &nq) < 0)
+        goto out;
+    if (dtype < 0 || dtype > 2 || src.len != numel * itemsize_of(dtype) || heads < 1 || g.channels % heads) {
+        fail("source buffer or heads do not match the geometry");
+        goto out;
+    }
+    result = PyBytes_FromStringAndSize(NULL, nq);
+    scratch = PyMem_Malloc(sizeof(int64_t) * (size_t)(g.tokens - g.exact + 1));
+    if (result == NULL || scratch == NULL) { PyErr_NoMemory(); Py_CLEAR(result); goto out; }
+    int8_t *codes = (int8_t *)PyBytes_AS_STRING(result);
+    Py_ssize_t tq = g.tokens - g.exact;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t s = 0; s < g.slabs && !bad; s++)
+        bad = slab_token_codes(src.buf, dtype, &g, heads, s, scratch, codes + (size_t)s * (size_t)tq) < 0;
+    Py_END_ALLOW_THREADS
+    if (bad) { fail("KV holds NaN or infinite values"); Py_CLEAR(result); }
+out:
+    PyMem_Free(scratch);
+    PyBuffer_Release(&src);
+    return result;
+}
+
+/* The optional tscale buffer: None, or nq int8 codes in [-8, 8]. 1 when present, 0 when None, -1 on error. */
+static int get_tscale(PyObject *obj, Py_buffer *view, Py_ssize_t nq) {
+    int have = get_opt_buffer(obj, view, 0);
+    if (have < 0) return -1;
+    if (view->obj == NULL) return 0;
+    if (view->len != nq) return fail("token step codes have the wrong size for the geometry");
+    const int8_t *k = view->buf;
+    for (Py_ssize_t i = 0; i < nq; i++)
+        if (k[i] < -CG_TCODE_MAX || k[i] > CG_TCODE_MAX) return fail("token step codes must be in [-8, 8]");
+    return 1;
+}
+
 /* ---------------------------------------------------------------- quantization parameters */
 
 typedef struct { double sum, sumsq; float mn, mx; } stat_t;
@@ -166,10 +288,34 @@ static int slab_stats(const uint8_t *src, int dtype, const geom_t *g, Py_ssize_t
     return 0;
 }
 
-/* (mu, step) bfloat16 pairs of one slab's channels; -1 when a step does not fit a float.
- * ab: the slab's per-channel step targets, a[c] then b[c] (doubles): target = sigma * a + b. */
-static int slab_params(const stat_t *st, const geom_t *g, const double *a, const double *b, uint8_t *mu_out,
-                       uint8_t *step_out) {
+static inline float mean_bf16(const stat_t *st, Py_ssize_t n) {
+    return u2f((uint32_t)f32_to_bf16((float)(st->sum / (double)n)) << 16);
+}
+
+/* With token step codes: each channel's largest |x - mu| / mult(code of x's token) (float, each
+ * operation rounded on its own), the deviation its step must cover in 127 steps. */
+static void slab_tdev(const uint8_t *src, int dtype, const geom_t *g, Py_ssize_t s, const stat_t *st,
+                      const int8_t *codes, float *dev) {
+    Py_ssize_t C = g->channels, n = g->tokens - g->exact;
+    float *muf = dev + C;
+    for (Py_ssize_t c = 0; c < C; c++) { dev[c] = 0.0f; muf[c] = n ? mean_bf16(&st[c], n) : 0.0f; }
+    size_t base = (size_t)s * (size_t)g->tokens * (size_t)C;
+    for (Py_ssize_t t = g->exact; t < g->tokens; t++) {
+        size_t row = base + (size_t)t * (size_t)C;
+        float m = tmult(codes[t - g->exact]);
+        for (Py_ssize_t c = 0; c < C; c++) {
+            float a = fabsf(load_value(src, dtype, row + (size_t)c) - muf[c]) / m;
+            if (!(a <= dev[c])) dev[c] = a;  /* an infinite difference propagates */
+        }
+    }
+}
+
+/* (mu, step) bfloat16 pairs of one slab's channels; -1 when a step does not fit a float (with token
+ * codes: when 4 times the step does not).
+ * ab: the slab's per-channel step targets, a[c] then b[c] (doubles): target = sigma * a + b.
+ * tdev: NULL, or the deviations of slab_tdev. */
+static int slab_params(const stat_t *st, const geom_t *g, const double *a, const double *b, const float *tdev,
+                       uint8_t *mu_out, uint8_t *step_out) {
     Py_ssize_t C = g->channels, n = g->tokens - g->exact;
     if (n == 0) {
         for (Py_ssize_t c = 0; c < C; c++) { st16(mu_out + 2 * c, 0); st16(step_out + 2 * c, 0x3F80); }
@@ -186,14 +332,14 @@ static int slab_params(const stat_t *st, const geom_t *g, const double *a, const
         uint16_t mu = f32_to_bf16((float)(st[c].sum / (double)n));
         float muf = u2f((uint32_t)mu << 16);
         float up = st[c].mx - muf, down = muf - st[c].mn;
-        float dev = up > down ? up : down;
+        float dev = tdev ? tdev[c] : (up > down ? up : down);
         if (!isfinite(dev)) return -1;
         double step = (double)dev / 127.0, prod = sigma * a[c], target = prod + b[c];
         if (target > step) step = target;
         float stepf = (float)step;
         if (stepf < u2f(CG_FLT_MIN_BITS)) stepf = u2f(CG_FLT_MIN_BITS);
         uint16_t sb = f32_to_bf16_up(stepf);
-        if ((sb & 0x7F80) == 0x7F80) return -1;
+        if ((sb & 0x7F80) == 0x7F80 || (tdev && (sb & 0x7F80) > CG_TSTEP_MAX_EXP)) return -1;
         st16(mu_out + 2 * c, mu);
         st16(step_out + 2 * c, sb);
     }
@@ -201,18 +347,22 @@ static int slab_params(const stat_t *st, const geom_t *g, const double *a, const
 }
 
 static PyObject *py_quant_params(PyObject *self, PyObject *args) {
-    Py_buffer src, targets;
+    Py_buffer src, targets, ts = {0};
+    PyObject *ts_o;
     int dtype;
     geom_t g = {0, 0, 0, 0, 1};
-    if (!PyArg_ParseTuple(args, "y*innnny*", &src, &dtype, &g.slabs, &g.tokens, &g.channels, &g.exact,
-                          &targets))
+    if (!PyArg_ParseTuple(args, "y*innnny*O", &src, &dtype, &g.slabs, &g.tokens, &g.channels, &g.exact,
+                          &targets, &ts_o))
         return NULL;
     PyObject *result = NULL;
     stat_t *st = NULL;
     double *ab = NULL;
-    Py_ssize_t nch, numel;
-    int bad = 0;
-    if (check_geom(&g) < 0 || mul(g.slabs, g.channels, &nch) < 0 || mul(nch, g.tokens, &numel) < 0) goto out;
+    float *tdev = NULL;
+    Py_ssize_t nch, numel, nq;
+    int bad = 0, have_ts = 0;
+    if (check_geom(&g) < 0 || mul(g.slabs, g.channels, &nch) < 0 || mul(nch, g.tokens, &numel) < 0 ||
+        mul(g.slabs, g.tokens - g.exact, &nq) < 0 || (have_ts = get_tscale(ts_o, &ts, nq)) < 0)
+        goto out;
     if (dtype < 0 || dtype > 2 || src.len != numel * itemsize_of(dtype) || targets.len != 16 * nch) {
         fail("source or step-target buffer has the wrong size for the geometry");
         goto out;
@@ -224,13 +374,17 @@ static PyObject *py_quant_params(PyObject *self, PyObject *args) {
         if (!(ab[i] >= 0.0 && ab[i] < 1e30)) { fail("step targets must be finite and in [0, 1e30)"); goto out; }
     result = PyBytes_FromStringAndSize(NULL, 4 * nch);
     st = PyMem_Malloc(sizeof(stat_t) * (size_t)g.channels);
-    if (result == NULL || st == NULL) { PyErr_NoMemory(); Py_CLEAR(result); goto out; }
+    if (have_ts) tdev = PyMem_Malloc(2 * sizeof(float) * (size_t)g.channels);
+    if (result == NULL || st == NULL || (have_ts && tdev == NULL)) { PyErr_NoMemory(); Py_CLEAR(result); goto out; }
     uint8_t *mu = (uint8_t *)PyBytes_AS_STRING(result), *step = mu + 2 * nch;
+    const int8_t *codes = ts.buf;
+    Py_ssize_t tq = g.tokens - g.exact;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t s = 0; s < g.slabs && !bad; s++) {
         size_t c0 = (size_t)s * (size_t)g.channels;
         bad = slab_stats(src.buf, dtype, &g, s, st) < 0 ? 1 : 0;
-        if (!bad && slab_params(st, &g, ab + c0, ab + nch + c0, mu + 2 * c0, step + 2 * c0) < 0) bad = 2;
+        if (!bad && have_ts) slab_tdev(src.buf, dtype, &g, s, st, codes + (size_t)s * (size_t)tq, tdev);
+        if (!bad && slab_params(st, &g, ab + c0, ab + nch + c0, tdev, mu + 2 * c0, step + 2 * c0) < 0) bad = 2;
     }
     Py_END_ALLOW_THREADS
     if (bad) {
@@ -240,8 +394,10 @@ static PyObject *py_quant_params(PyObject *self, PyObject *args) {
 out:
     PyMem_Free(st);
     PyMem_Free(ab);
+    PyMem_Free(tdev);
     PyBuffer_Release(&src);
     PyBuffer_Release(&targets);
+    release(&ts);
     return result;
 }
 
@@ -295,6 +451,7 @@ static void channel_table(const uint32_t *counts, int plo, int pn, uint8_t *lo, 
 
 typedef struct {
     const uint8_t *src, *mu, *step, *plo, *pn;
+    const int8_t *tcodes;  /* NULL, or [slabs][tokens - exact] step codes */
     int dtype;
     float rnd;
     uint8_t *sym, *lo, *n, *freq;
@@ -314,8 +471,10 @@ static void quantize_slab(quant_job_t *j, const geom_t *g, Py_ssize_t s) {
     const size_t in0 = (size_t)s * (size_t)g->tokens * (size_t)C + (size_t)g->exact * (size_t)C;
     uint8_t *out = j->sym + (size_t)s * (size_t)tq * (size_t)C;
     for (Py_ssize_t t = 0; t < tq; t++) {
+        float m = j->tcodes ? tmult(j->tcodes[(size_t)s * (size_t)tq + (size_t)t]) : 1.0f;
         for (Py_ssize_t c = 0; c < C; c++) {
-            uint8_t q = quantize_one(load_value(j->src, j->dtype, in0 + (size_t)t * C + c), muf[c], stf[c], j->rnd);
+            float x = load_value(j->src, j->dtype, in0 + (size_t)t * C + c);
+            uint8_t q = quantize_one(x, muf[c], j->tcodes ? stf[c] * m : stf[c], j->rnd);
             out[(size_t)t * C + c] = q;
             j->counts[(size_t)c * CG_NSYM + q]++;
         }
@@ -327,24 +486,26 @@ static void quantize_slab(quant_job_t *j, const geom_t *g, Py_ssize_t s) {
     }
 }
 
-/* Checks (mu, step) pairs: finite mu, finite positive step. */
-static int check_qparams(const uint8_t *qp, Py_ssize_t nch) {
+/* Checks (mu, step) pairs: finite mu, finite positive step (below 2^126 with token codes). */
+static int check_qparams(const uint8_t *qp, Py_ssize_t nch, int tscaled) {
     for (Py_ssize_t c = 0; c < nch; c++) {
         uint16_t mu = ld16(qp + 2 * c), step = ld16(qp + 2 * (nch + c));
         if ((mu & 0x7F80) == 0x7F80 || (step & 0x7F80) == 0x7F80 || (step & 0x8000) || (step & 0x7F80) == 0)
             return fail("qparams hold a non-finite mean or a step that is not a positive normal number");
+        if (tscaled && (step & 0x7F80) > CG_TSTEP_MAX_EXP)
+            return fail("qparams hold a step too large for token step codes");
     }
     return 0;
 }
 
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
-    Py_buffer src, qp, plo, pn;
-    PyObject *plo_o, *pn_o;
+    Py_buffer src, qp, plo, pn, ts = {0};
+    PyObject *plo_o, *pn_o, *ts_o;
     int dtype;
     int rnd256;
     geom_t g = {0, 0, 0, 0, 1};
-    if (!PyArg_ParseTuple(args, "y*innnny*iOO", &src, &dtype, &g.slabs, &g.tokens, &g.channels, &g.exact, &qp,
-                          &rnd256, &plo_o, &pn_o))
+    if (!PyArg_ParseTuple(args, "y*innnny*iOOO", &src, &dtype, &g.slabs, &g.tokens, &g.channels, &g.exact, &qp,
+                          &rnd256, &plo_o, &pn_o, &ts_o))
         return NULL;
     PyObject *result = NULL, *sym = NULL, *lo = NULL, *n = NULL;
     uint8_t *freq = NULL;
@@ -353,15 +514,18 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     Py_ssize_t nch, numel, nq;
     int have_plo = get_opt_buffer(plo_o, &plo, 0), have_pn = get_opt_buffer(pn_o, &pn, 0);
     if (have_plo < 0 || have_pn < 0) goto out;
+    Py_ssize_t nts;
+    int have_ts = 0;
     if (check_geom(&g) < 0 || mul(g.slabs, g.channels, &nch) < 0 || mul(nch, g.tokens, &numel) < 0 ||
-        mul(nch, g.tokens - g.exact, &nq) < 0)
+        mul(nch, g.tokens - g.exact, &nq) < 0 || mul(g.slabs, g.tokens - g.exact, &nts) < 0 ||
+        (have_ts = get_tscale(ts_o, &ts, nts)) < 0)
         goto out;
     if (dtype < 0 || dtype > 2 || src.len != numel * itemsize_of(dtype) || qp.len != 4 * nch ||
         (plo.obj == NULL) != (pn.obj == NULL) || (plo.obj && (plo.len != nch || pn.len != nch))) {
         fail("buffer sizes do not match the geometry");
         goto out;
     }
-    if (check_qparams(qp.buf, nch) < 0) goto out;
+    if (check_qparams(qp.buf, nch, have_ts) < 0) goto out;
     if (rnd256 < 0 || rnd256 > 128) { fail("rounding offset must be in [0, 128] / 256"); goto out; }
     sym = PyBytes_FromStringAndSize(NULL, nq);
     lo = PyBytes_FromStringAndSize(NULL, nch);
@@ -370,7 +534,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     j.counts = PyMem_Malloc((sizeof(uint32_t) * CG_NSYM + 2 * sizeof(float)) * (size_t)g.channels);
     if (!sym || !lo || !n || !freq || !j.counts) { PyErr_NoMemory(); goto out; }
     j.src = src.buf; j.dtype = dtype; j.rnd = (float)rnd256 / 256.0f; j.mu = qp.buf; j.step = (const uint8_t *)qp.buf + 2 * nch;
-    j.plo = plo.buf; j.pn = pn.buf;
+    j.plo = plo.buf; j.pn = pn.buf; j.tcodes = have_ts ? ts.buf : NULL;
     j.sym = (uint8_t *)PyBytes_AS_STRING(sym); j.lo = (uint8_t *)PyBytes_AS_STRING(lo);
     j.n = (uint8_t *)PyBytes_AS_STRING(n); j.freq = freq;
     Py_BEGIN_ALLOW_THREADS
@@ -380,7 +544,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
 out:
     Py_XDECREF(sym); Py_XDECREF(lo); Py_XDECREF(n);
     PyMem_Free(freq); PyMem_Free(j.counts);
-    PyBuffer_Release(&src); PyBuffer_Release(&qp); release(&plo); release(&pn);
+    PyBuffer_Release(&src); PyBuffer_Release(&qp); release(&plo); release(&pn); release(&ts);
     return result;
 }
 
@@ -634,6 +798,7 @@ typedef struct {
     const uint8_t *dq_mu, *dq_step;  /* qparams when dequantizing, else NULL */
     uint8_t *out;                    /* symbols [slabs][tq][C] or values [slabs][tokens][C] */
     int dtype;
+    const int8_t *tcodes;            /* NULL, or step codes [slabs][tq] when dequantizing */
 } sink_t;
 
 /* One stream being decoded: its bytes, coder state, tables and the current token's symbols. */
@@ -645,6 +810,7 @@ typedef struct {
     const ctab_t *tabs;
     float *muf, *stf;
     uint8_t *row;
+    const int8_t *tcodes;  /* the slab's step codes, or NULL */
 } lane_t;
 
 static void lane_init(stream_job_t *J, Py_ssize_t j, const uint8_t *p, size_t len, const sink_t *sk, int slot,
@@ -664,6 +830,7 @@ static void lane_init(stream_job_t *J, Py_ssize_t j, const uint8_t *p, size_t le
             L->stf[k] = u2f((uint32_t)ld16(sk->dq_step + 2 * (ch0 + k)) << 16);
         }
     L->out0 = sk->dq_mu ? ((size_t)s * J->g.tokens + J->g.exact) * C + c0 : (size_t)s * J->tq * C + c0;
+    L->tcodes = sk->tcodes ? sk->tcodes + (size_t)s * (size_t)J->tq : NULL;
     L->p = p;
     L->len = len;
     L->pos = 0;
@@ -695,6 +862,14 @@ static void lane_emit(const lane_t *L, Py_ssize_t t, Py_ssize_t C, const sink_t 
     size_t o = L->out0 + (size_t)t * C;
     if (!sk->dq_mu) {
         memcpy(sk->out + o, L->row, (size_t)L->w);
+        return;
+    }
+    if (L->tcodes) {
+        float m = tmult(L->tcodes[t]);
+        for (int k = 0; k < L->w; k++) {
+            float step = L->stf[k] * m;  /* exact: two bfloat16 values */
+            store_value(sk->out, sk->dtype, o + k, L->muf[k] + (float)((int)L->row[k] - CG_QMAX) * step);
+        }
         return;
     }
     for (int k = 0; k < L->w; k++)
@@ -777,7 +952,7 @@ static PyObject *py_decode_symbols(PyObject *self, PyObject *args) {
     if (stream_job_init(&J, b, p, &g, &nch) < 0 || mul(nch, g.tokens, &nq) < 0) goto out;
     result = PyBytes_FromStringAndSize(NULL, nq);
     if (result == NULL) goto out;
-    sink_t sk = {NULL, NULL, (uint8_t *)PyBytes_AS_STRING(result), 0};
+    sink_t sk = {NULL, NULL, (uint8_t *)PyBytes_AS_STRING(result), 0, NULL};
     if (decode_all(&J, &b[0], &b[1], &sk) < 0) Py_CLEAR(result);
 out:
     stream_job_free(&J);
@@ -787,27 +962,30 @@ out:
 }
 
 static PyObject *py_decode_chunk(PyObject *self, PyObject *args) {
-    Py_buffer b[5], p[3] = {{0}}, qp, out;
-    PyObject *opt[3];
+    Py_buffer b[5], p[3] = {{0}}, qp, out, ts = {0};
+    PyObject *opt[3], *ts_o;
     int dtype;
     geom_t g;
     memset(&g, 0, sizeof g);
-    if (!PyArg_ParseTuple(args, "y*y*nnnnny*y*y*OOOy*iw*", &b[0], &b[1], &g.slabs, &g.tokens, &g.channels,
-                          &g.exact, &g.group, &b[2], &b[3], &b[4], &opt[0], &opt[1], &opt[2], &qp, &dtype, &out))
+    if (!PyArg_ParseTuple(args, "y*y*nnnnny*y*y*OOOy*iw*O", &b[0], &b[1], &g.slabs, &g.tokens, &g.channels,
+                          &g.exact, &g.group, &b[2], &b[3], &b[4], &opt[0], &opt[1], &opt[2], &qp, &dtype, &out,
+                          &ts_o))
         return NULL;
     PyObject *result = NULL;
     stream_job_t J;
     memset(&J, 0, sizeof J);
-    Py_ssize_t nch, numel;
+    Py_ssize_t nch, numel, nts;
+    int have_ts = 0;
     for (int i = 0; i < 3; i++)
         if (get_opt_buffer(opt[i], &p[i], 0) < 0) goto out;
     if (stream_job_init(&J, b, p, &g, &nch) < 0 || mul(nch, g.tokens, &numel) < 0) goto out;
+    if (mul(g.slabs, g.tokens - g.exact, &nts) < 0 || (have_ts = get_tscale(ts_o, &ts, nts)) < 0) goto out;
     if (dtype < 0 || dtype > 2 || out.len < numel * itemsize_of(dtype) || qp.len != 4 * nch) {
         fail("output or qparams buffer has the wrong size");
         goto out;
     }
-    if (check_qparams(qp.buf, nch) < 0) goto out;
-    sink_t sk = {qp.buf, (const uint8_t *)qp.buf + 2 * nch, out.buf, dtype};
+    if (check_qparams(qp.buf, nch, have_ts) < 0) goto out;
+    sink_t sk = {qp.buf, (const uint8_t *)qp.buf + 2 * nch, out.buf, dtype, have_ts ? ts.buf : NULL};
     if (decode_all(&J, &b[0], &b[1], &sk) == 0) result = Py_NewRef(Py_None);
 out:
     stream_job_free(&J);
@@ -815,6 +993,7 @@ out:
     for (int i = 0; i < 3; i++) release(&p[i]);
     PyBuffer_Release(&qp);
     PyBuffer_Release(&out);
+    release(&ts);
     return result;
 }
 
@@ -1014,6 +1193,7 @@ out:
 static PyMethodDef methods[] = {
     {"rope", py_rope, METH_VARARGS, "Rotate or un-rotate the keys of a chunk by a (cos, sin) table."},
     {"transform", py_transform, METH_VARARGS, "Apply a matrix per (slab, head) to every token of a float32 chunk."},
+    {"token_codes", py_token_codes, METH_VARARGS, "Per-(slab, token) step codes of a chunk (format 4)."},
     {"quant_params", py_quant_params, METH_VARARGS, "Per-channel (mean, step) bfloat16 pairs of a chunk."},
     {"quantize", py_quantize, METH_VARARGS, "Symbols and frequency tables of a chunk."},
     {"histogram", py_histogram, METH_VARARGS, "Per-channel symbol counts."},

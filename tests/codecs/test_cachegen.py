@@ -21,8 +21,8 @@ import kvstore.codecs  # noqa: F401  # registers the codecs
 from kvstore.codecs import cachegen_ref as ref
 from kvstore.codecs.base import ChunkLayout, CodecParams, codec_names, make_codec
 from kvstore.codecs.cachegen import CachegenCodec
-from kvstore.codecs.cachegen_coder import META_SECTIONS, SECTION_NAMES, available, rangecoder
-from kvstore.codecs.cachegen_params import LEVEL_BINS, CachegenParams
+from kvstore.codecs.cachegen_coder import META_SECTIONS, SCALED_SECTION_NAMES, SECTION_NAMES, available, rangecoder
+from kvstore.codecs.cachegen_params import LEVEL_BINS, CachegenParams, token_multipliers
 from kvstore.codecs.cachegen_profile import CachegenProfile, build_profile
 from kvstore.codecs.container import Container, SectionData, pack, unpack
 from kvstore.errors import CodecError, InvalidInput
@@ -85,8 +85,19 @@ def steps(c: Container, layout: ChunkLayout) -> torch.Tensor:
     step = torch.from_numpy(words.copy()).view(torch.float32)
     s = layout.shape
     if len(s) == 5:
-        return step.reshape(s[0], 2, 1, s[3], s[4]).expand(s)
-    return step.reshape(s[0], 1, s[2]).expand(s)
+        per = step.reshape(s[0], 2, 1, s[3], s[4]).expand(s)
+    else:
+        per = step.reshape(s[0], 1, s[2]).expand(s)
+    if "tscale" not in {x.name for x in c.sections}:
+        return per
+    tq = int(c.params.get("exact_tokens", 1))
+    tokens = s[token_axis(layout)]
+    exact = min(tq, tokens)
+    mult = torch.ones(s[0] * (2 if len(s) == 5 else 1), tokens)
+    mult[:, exact:] = torch.from_numpy(token_multipliers(section(c, "tscale")).copy()).reshape(mult.shape[0], -1)
+    if len(s) == 5:
+        return per * mult.reshape(s[0], 2, tokens, 1, 1)
+    return per * mult.reshape(s[0], tokens, 1)
 
 
 def token_axis(layout: ChunkLayout) -> int:
@@ -116,7 +127,7 @@ def test_round_trip_shapes_dtypes_layouts_and_error_bound(
     x = kv(layout, seed=tokens)
     blob = codec.encode(raw(x), layout)
     c = unpack(blob)
-    assert c.codec == "cachegen" and tuple(s.name for s in c.sections) == SECTION_NAMES
+    assert c.codec == "cachegen" and tuple(s.name for s in c.sections) == SCALED_SECTION_NAMES
     y = decode(codec, blob, layout)
     assert y.shape == x.shape and y.dtype == x.dtype
     check_error_bound(x, y, c, layout, min(exact, tokens))
@@ -124,7 +135,8 @@ def test_round_trip_shapes_dtypes_layouts_and_error_bound(
 
 def test_registered_and_params() -> None:
     assert "cachegen" in codec_names()
-    codec = make_codec("cachegen", {"level": 2})
+    assert make_codec("cachegen", {"level": 2}).params["format"] == 4  # per-token step codes by default
+    codec = make_codec("cachegen", {"level": 2, "token_scale": False})
     assert codec.params == {
         "format": 2,
         "level": 2,
@@ -144,7 +156,9 @@ def test_registered_and_params() -> None:
         {"level": "1"},
         {"rope_theta": 0.5},
         {"rope_theta": "1e4"},
-        {"format": 4},
+        {"format": 5},
+        {"token_scale": 1},
+        {"token_scale": True, "format": 4},
         {"format": 1, "rope_theta": 1e4},
         {"transform": "0" * 32},  # never configured: it comes with the profile
     ]
@@ -416,9 +430,9 @@ def test_c_coder_matches_python_reference() -> None:
         src = x.astype(np.float32).tobytes()
         a = np.full(slabs * channels, 1 / float(rng.uniform(0.5, 5)))
         targets = np.concatenate([a, rng.uniform(0, 0.1, slabs * channels)]).tobytes()
-        qp = rc.quant_params(src, 2, slabs, tokens, channels, exact, targets)
+        qp = rc.quant_params(src, 2, slabs, tokens, channels, exact, targets, None)
         rounding = int(rng.integers(64, 129))
-        sym, lo, n, freq = rc.quantize(src, 2, slabs, tokens, channels, exact, qp, rounding, None, None)
+        sym, lo, n, freq = rc.quantize(src, 2, slabs, tokens, channels, exact, qp, rounding, None, None, None)
         tq = tokens - exact
         tables = [
             ref.table_of(ref.symbols_of_channel(sym, s, c, tq, channels))
@@ -460,6 +474,7 @@ def test_decoded_values_match_numpy_dequantization() -> None:
         q = np.frombuffer(sym, np.uint8).astype(np.float32).reshape(4, 64, 64) - 127
         words = np.frombuffer(section(c, "qparams"), "<u2").astype(np.uint32) << 16
         mu, st = words[:n].view(np.float32).reshape(4, 1, 64), words[n:].view(np.float32).reshape(4, 1, 64)
+        st = st * token_multipliers(section(c, "tscale")).reshape(4, 64, 1)  # exact products
         want = torch.from_numpy((mu + q * st).astype(np.float32)).to(TORCH[dtype])
         got = decode(codec, blob, layout).reshape(4, 64, 64)
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))

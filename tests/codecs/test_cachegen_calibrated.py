@@ -58,7 +58,7 @@ def calibrated() -> tuple[ChunkLayout, np.ndarray, CachegenProfile]:
 
 def test_sensitivity_sets_the_steps(calibrated: tuple[ChunkLayout, np.ndarray, CachegenProfile]) -> None:
     layout, sensitivity, profile = calibrated
-    codec = CachegenCodec({"profile": profile.digest}, profiles=[profile])
+    codec = CachegenCodec({"profile": profile.digest, "token_scale": False}, profiles=[profile])
     x = kv(layout, seed=3, channel_seed=0)
     c = unpack(codec.encode(raw(x), layout))
     got = steps(c, layout)[:, :, 0].reshape(-1).numpy()
@@ -68,7 +68,8 @@ def test_sensitivity_sets_the_steps(calibrated: tuple[ChunkLayout, np.ndarray, C
     free = target > 1.05 * dev  # channels whose step is not raised to fit 255 symbols
     assert free.sum() > 100
     assert np.array_equal(got[free], bf16_up(target[free]))
-    plain = steps(unpack(CachegenCodec().encode(raw(x), layout)), layout)[:, :, 0].reshape(-1).numpy()
+    plain = steps(unpack(CachegenCodec({"token_scale": False}).encode(raw(x), layout)), layout)
+    plain = plain[:, :, 0].reshape(-1).numpy()
     assert not np.allclose(got, plain)  # a profile with a sensitivity changes the values, not only the size
 
 
@@ -135,10 +136,10 @@ def test_rounding_offset_widens_the_zero_bin() -> None:
     qp = np.array([0, 0x3F80], "<u2").tobytes()  # mean 0, step 1.0
     want = {128: [0, 0, 0, 1, 1, -1, 1, 1, 2, -2, 127, -127], 64: [0, 0, 0, 0, 0, 0, 1, 1, 1, -1, 127, -127]}
     for rounding, q in want.items():
-        sym, *_ = rc.quantize(src.tobytes(), 2, 1, len(src), 1, 1, qp, rounding, None, None)
+        sym, *_ = rc.quantize(src.tobytes(), 2, 1, len(src), 1, 1, qp, rounding, None, None, None)
         assert [s - 127 for s in sym] == q, rounding
     with pytest.raises(ValueError):
-        rc.quantize(src.tobytes(), 2, 1, len(src), 1, 1, qp, 129, None, None)
+        rc.quantize(src.tobytes(), 2, 1, len(src), 1, 1, qp, 129, None, None, None)
     assert all(0 <= r <= 128 for r in LEVEL_ROUNDING.values())
 
 

@@ -117,6 +117,8 @@ CASES: list[tuple[str, str, int, int, int, int, CodecParams]] = [  # dtype, layo
     ("bfloat16", "kv_separate", 2, 2, 16, 40, {"rope_theta": 10000.0}),
     ("float16", "kv_separate", 2, 3, 8, 17, {"rope_theta": 1e5, "exact_tokens": 0, "group": 7}),
     ("float32", "kv_separate", 1, 1, 4, 5, {"rope_theta": 500.0, "exact_tokens": 2}),
+    ("bfloat16", "kv_separate", 3, 2, 16, 40, {"token_scale": False}),  # format 2, as earlier versions
+    ("float16", "kv_separate", 2, 3, 8, 17, {"rope_theta": 1e5, "token_scale": False}),
 ]
 
 
@@ -173,6 +175,10 @@ def transformed_cases(seed: int) -> Iterator[tuple[CachegenCodec, ChunkLayout, t
     ):
         codec, layout, xs = transformed(seed + i, dtype, theta, tables, exact, tokens)
         yield codec, layout, xs[0]
+        if i == 0:  # format 3: the transform without step codes
+            config = {k: v for k, v in codec.params.items() if k != "format"}
+            profile = codec.profiles.get(codec.config.profile, CodecError)
+            yield CachegenCodec({**config, "token_scale": False}, profiles=[profile]), layout, xs[1]
 
 
 def cpu_decode(codec: CachegenCodec, blob: bytes, layout: ChunkLayout) -> np.ndarray:
@@ -245,6 +251,20 @@ def test_emulated_transform_kernel_matches_the_cpu_coder(
         )
     ref = np.einsum("shde,sthe->sthd", m.astype(np.float64), x.astype(np.float64))[:, exact:]
     assert np.allclose(want[:, exact:], ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
+
+
+def test_emulated_token_codes_at_the_extremes(emulated: EmulatedBackend) -> None:
+    """Tokens over +-8 octaves (clamped codes), all-zero tokens (code 0) and tiny values: same bytes."""
+    layout = ChunkLayout(spec("float32", layers=2, heads=3, dim=8), 48)
+    x = kv(layout, seed=12).float()
+    scale = torch.exp2(torch.linspace(-20, 20, 48))
+    x = x * scale.reshape(1, 1, 48, 1, 1)
+    x[:, :, 5] = 0.0
+    x[1, 1, 7] = 1e-30  # subnormal in float32 squared, not in float64
+    codec = CachegenCodec({"group": 6})
+    check_both_ways(GpuCoder(codec, emulated), layout, x)
+    codes = section(unpack(codec.encode(raw(x), layout)), "tscale")
+    assert min(codes) != max(codes) and b"\xf8" in codes and b"\x08" in codes  # -8 and 8 both used
 
 
 def test_emulated_kernels_with_a_profile(emulated: EmulatedBackend) -> None:

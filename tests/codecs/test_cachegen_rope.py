@@ -53,7 +53,7 @@ def test_rope_round_trip_error_bound_per_pair() -> None:
     x = rotated_keys(layout, start=700)
     blob = codec.encode(raw(x), layout)
     c = unpack(blob)
-    assert c.params["rope_theta"] == THETA and c.params["format"] == 2
+    assert c.params["rope_theta"] == THETA and c.params["format"] == 4
     y = decode(codec, blob, layout)
     assert torch.equal(y[:, :, :2], x[:, :, :2])  # exact tokens, bit for bit
     xf, yf, st = x.float()[:, :, 2:], y.float()[:, :, 2:], steps(c, layout)[:, :, 2:]
@@ -111,7 +111,7 @@ def test_rope_refusals_and_format_one() -> None:
         CachegenCodec({"rope_theta": THETA}).encode(raw(kv(mla)), mla)
     layout = ChunkLayout(spec(layers=2, dim=16), 16)
     x = kv(layout, seed=2)
-    codec = CachegenCodec()
+    codec = CachegenCodec({"token_scale": False})
     blob = codec.encode(raw(x), layout)
     c = unpack(blob)
     sections: list[tuple[str, SectionData]] = [(s.name, bytes(c.section(s.name))) for s in c.sections]
@@ -120,7 +120,7 @@ def test_rope_refusals_and_format_one() -> None:
         decode(codec, pack(c.codec, old, c.layout, sections), layout), decode(codec, blob, layout)
     )
     out = np.empty(layout.nbytes, np.uint8)
-    for params in ({**old, "rope_theta": THETA}, {**c.params, "format": 4}, {**c.params, "rope_theta": -1.0}):
+    for params in ({**old, "rope_theta": THETA}, {**c.params, "format": 4}, {**c.params, "format": 5}, {**c.params, "rope_theta": -1.0}):
         with pytest.raises(CodecError):
             codec.decode_into(pack(c.codec, params, c.layout, sections), out)
     m = unpack(CachegenCodec().encode(raw(kv(mla)), mla))

@@ -18,7 +18,7 @@ from kvstore.codecs.cachegen import CachegenCodec
 from kvstore.codecs.cachegen_bench import prefill_kv, to_chunks
 from kvstore.codecs.cachegen_calibrate import calibrate_heads, rope_theta_of
 from kvstore.codecs.cachegen_coder import available, rangecoder
-from kvstore.codecs.cachegen_params import CachegenParams
+from kvstore.codecs.cachegen_params import CachegenParams, token_multipliers
 from kvstore.codecs.cachegen_profile import CachegenProfile, build_profile
 from kvstore.codecs.cachegen_transform import HeadStatistics, HeadTransform, build_transform
 from kvstore.codecs.container import SectionData, pack, unpack
@@ -81,18 +81,20 @@ def test_round_trip_error_bound_through_the_transform(dtype: str, tables: bool) 
     x = kv(layout, seed=9, channel_seed=0)
     blob = codec.encode(raw(x), layout)
     c = unpack(blob)
-    assert c.params["format"] == 3 and c.params["transform"] == profile.digest
+    assert c.params["format"] == 4 and c.params["transform"] == profile.digest
     assert c.params["profile"] == (profile.digest if tables else "")
     y = decode(codec, blob, layout)
     assert torch.equal(y[:, :, :1], x[:, :, :1])  # the exact token, bit for bit
     qp = section(c, "qparams")
     n = len(qp) // 4
     step = (np.frombuffer(qp, "<u2")[n:].astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    mult = token_multipliers(section(c, "tscale")).astype(np.float64).reshape(4, -1)  # [slabs, tokens_q]
+    steps = step.reshape(4, 1, 2, 16) * mult[:, :, None, None]  # [slabs, tokens_q, heads, D]
     inv = matrices(profile.transform.inverse, profile.transform)  # [slabs, heads, D, D]
-    bound = np.einsum("shde,she->shd", np.abs(inv), step.reshape(4, 2, 16) / 2)  # [slabs, heads, D]
+    bound = np.einsum("shde,sthe->sthd", np.abs(inv), steps / 2)  # [slabs, tokens_q, heads, D]
     xs, ys = (v.float().numpy().reshape(2, 2, -1, 2, 16)[:, :, 1:].astype(np.float64) for v in (x, y))
     err = np.abs(xs - ys)
-    full = bound.reshape(2, 2, 1, 2, 16) * (1 + 1e-3) + EPS[dtype] * np.maximum(np.abs(xs), np.abs(ys)) + 1e-4
+    full = bound.reshape(xs.shape) * (1 + 1e-3) + EPS[dtype] * np.maximum(np.abs(xs), np.abs(ys)) + 1e-4
     assert (err <= full).all(), float((err / full).max())
     assert err.max() > 0.01 * bound.max()  # it is lossy at all: the bound is not vacuous
 

@@ -42,6 +42,8 @@ static inline double cg_dmul(double a, double b) { return a * b; }
 static inline double cg_ddiv(double a, double b) { return a / b; }
 static inline double cg_dsqrt(double a) { return sqrt(a); }
 static inline float cg_d2f(double a) { return (float)a; }
+static inline u64 cg_d2u(double d) { u64 u; memcpy(&u, &d, 8); return u; }
+static inline double cg_u2d(u64 u) { double d; memcpy(&d, &u, 8); return d; }
 #else
 #define CG_DEV __device__ __forceinline__
 #define CG_KERNEL extern "C" __global__
@@ -59,6 +61,8 @@ CG_DEV double cg_dmul(double a, double b) { return __dmul_rn(a, b); }
 CG_DEV double cg_ddiv(double a, double b) { return __ddiv_rn(a, b); }
 CG_DEV double cg_dsqrt(double a) { return __dsqrt_rn(a); }
 CG_DEV float cg_d2f(double a) { return __double2float_rn(a); }
+CG_DEV u64 cg_d2u(double d) { return (u64)__double_as_longlong(d); }
+CG_DEV double cg_u2d(u64 u) { return __longlong_as_double((long long)u); }
 #endif
 
 #define CG_FOR(i, n) for (i64 i = cg_first(); i < (i64)(n); i += cg_stride())
@@ -148,11 +152,104 @@ CG_KERNEL void cg_stats(const u8 *src, int dtype, i64 slabs, i64 tokens, i64 cha
     }
 }
 
+// ------------------------------------------------------------------ per-token step scales (format 4)
+
+#define CG_TCODE_MAX 8
+#define CG_TSTEP_MAX_EXP 0x7E00  // with token codes a step is below 2^126: 4 times it is finite
+#define CG_NO_NORM (-(i64)1 << 62)
+
+// bfloat16(2^(k/4)) for k = -8..8 as float bits (every product with a bfloat16 step is exact).
+CG_DEV float tmult(int k) {
+    switch (k) {
+        case -8: return cg_u2f(0x3e800000u); case -7: return cg_u2f(0x3e980000u);
+        case -6: return cg_u2f(0x3eb50000u); case -5: return cg_u2f(0x3ed70000u);
+        case -4: return cg_u2f(0x3f000000u); case -3: return cg_u2f(0x3f180000u);
+        case -2: return cg_u2f(0x3f350000u); case -1: return cg_u2f(0x3f570000u);
+        case 1: return cg_u2f(0x3f980000u); case 2: return cg_u2f(0x3fb50000u);
+        case 3: return cg_u2f(0x3fd70000u); case 4: return cg_u2f(0x40000000u);
+        case 5: return cg_u2f(0x40180000u); case 6: return cg_u2f(0x40350000u);
+        case 7: return cg_u2f(0x40570000u); case 8: return cg_u2f(0x40800000u);
+        default: return 1.0f;
+    }
+}
+
+// round(4 * log2 n) of a positive normal double, rounded against 2^((2i + 1) / 8) on the mantissa.
+CG_DEV i64 quarter_octave(double n) {
+    u64 b = cg_d2u(n);
+    i64 e = (i64)((b >> 52) & 0x7FF) - 1023;
+    double m = cg_u2d((b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);
+    int j = (m >= cg_u2d(0x3ff172b83c7d517bull)) + (m >= cg_u2d(0x3ff4bfdad5362a27ull)) +
+            (m >= cg_u2d(0x3ff8ace5422aa0dbull)) + (m >= cg_u2d(0x3ffd5818dcfba487ull));
+    return 4 * e + j;
+}
+
+// One thread per (slab, quantized token): n = sum over heads of the head vector's L2 norm (double, heads
+// and dims in order); code[i] = quarter_octave(n), or CG_NO_NORM where n = 0. bad = 1 on a non-finite value.
+CG_KERNEL void cg_token_norms(const u8 *src, int dtype, i64 slabs, i64 tokens, i64 channels, i64 exact, i64 heads,
+                              i64 *code, int *bad) {
+    i64 tq = tokens - exact, dim = channels / heads;
+    CG_FOR(i, slabs * tq) {
+        i64 s = i / tq, t = i % tq;
+        u64 row = (u64)((s * tokens + exact + t) * channels);
+        double n = 0.0;
+        int ok = 1;
+        for (i64 h = 0; h < heads && ok; h++) {
+            double q = 0.0;
+            for (i64 d = 0; d < dim; d++) {
+                float x = load_value(src, dtype, row + (u64)(h * dim + d));
+                if (!finite_f32(x)) { ok = 0; break; }
+                double xd = (double)x;
+                q = cg_dadd(q, cg_dmul(xd, xd));
+            }
+            n = cg_dadd(n, cg_dsqrt(q));
+        }
+        if (!ok || !(n < cg_u2d(0x7FF0000000000000ull))) { bad[0] = 1; code[i] = CG_NO_NORM; continue; }
+        code[i] = n > 0.0 ? quarter_octave(n) : CG_NO_NORM;
+    }
+}
+
+// One thread per slab: the centre (the rounded mean of the slab's codes, CG_NO_NORM left out), then each
+// token's step code clamp(code - centre, -8, 8) (0 for CG_NO_NORM) into tcodes [slabs][tokens_q].
+CG_KERNEL void cg_token_codes(const i64 *code, i64 slabs, i64 tq, signed char *tcodes) {
+    CG_FOR(s, slabs) {
+        i64 sum = 0, cnt = 0;
+        for (i64 t = 0; t < tq; t++)
+            if (code[s * tq + t] != CG_NO_NORM) { sum += code[s * tq + t]; cnt++; }
+        i64 centre = 0;
+        if (cnt) {
+            i64 a = 2 * sum + cnt, b = 2 * cnt, q = a / b;
+            centre = (a % b != 0 && a < 0) ? q - 1 : q;  // floor
+        }
+        for (i64 t = 0; t < tq; t++) {
+            i64 c = code[s * tq + t], k = c == CG_NO_NORM ? 0 : c - centre;
+            tcodes[s * tq + t] = (signed char)(k < -CG_TCODE_MAX ? -CG_TCODE_MAX : (k > CG_TCODE_MAX ? CG_TCODE_MAX : k));
+        }
+    }
+}
+
+// One thread per (slab, channel), with token codes: the largest |x - mean| / mult(code of x's token), the
+// deviation the channel's step must cover in 127 steps (mean: the bfloat16 one cg_params writes).
+CG_KERNEL void cg_tdev(const u8 *src, int dtype, i64 slabs, i64 tokens, i64 channels, i64 exact, const double *sum,
+                       const signed char *tcodes, float *dev) {
+    i64 n = tokens - exact;
+    CG_FOR(ch, slabs * channels) {
+        i64 s = ch / channels, c = ch % channels;
+        float muf = n ? bf16_to_f32(f32_to_bf16(cg_d2f(cg_ddiv(sum[ch], (double)n)))) : 0.0f, best = 0.0f;
+        for (i64 t = exact; t < tokens; t++) {
+            float x = load_value(src, dtype, (u64)((s * tokens + t) * channels + c));
+            float a = cg_fdiv(fabsf(cg_fsub(x, muf)), tmult(tcodes[s * n + t - exact]));
+            if (!(a <= best)) best = a;
+        }
+        dev[ch] = best;
+    }
+}
+
 // One thread per slab: the slab's sigma, then each channel's bfloat16 mean and (rounded up) step; the
-// step targets are sigma * a[ch] + b[ch] (targets = a[nch] then b[nch]).
+// step targets are sigma * a[ch] + b[ch] (targets = a[nch] then b[nch]). With have_tdev, a channel's
+// deviation is tdev[ch] (cg_tdev) and its step must stay below 2^126.
 CG_KERNEL void cg_params(const double *sum, const double *sumsq, const float *mn, const float *mx,
                          const double *targets, i64 slabs, i64 tokens, i64 channels, i64 exact, u16 *qparams,
-                         int *bad) {
+                         int *bad, const float *tdev, int have_tdev) {
     i64 nch = slabs * channels, n = tokens - exact;
     CG_FOR(s, slabs) {
         const i64 c0 = s * channels;
@@ -171,7 +268,7 @@ CG_KERNEL void cg_params(const double *sum, const double *sumsq, const float *mn
             u16 mu = f32_to_bf16(cg_d2f(cg_ddiv(sum[c0 + c], (double)n)));
             float muf = bf16_to_f32(mu);
             float up = cg_fsub(mx[c0 + c], muf), down = cg_fsub(muf, mn[c0 + c]);
-            float dev = up > down ? up : down;
+            float dev = have_tdev ? tdev[c0 + c] : (up > down ? up : down);
             if (!finite_f32(dev)) { bad[0] = 2; break; }
             double step = cg_ddiv((double)dev, 127.0);
             double target = cg_dadd(cg_dmul(sigma, targets[c0 + c]), targets[nch + c0 + c]);
@@ -179,7 +276,7 @@ CG_KERNEL void cg_params(const double *sum, const double *sumsq, const float *mn
             float stepf = cg_d2f(step);
             if (stepf < cg_u2f(0x00800000u)) stepf = cg_u2f(0x00800000u);
             u16 sb = f32_to_bf16_up(stepf);
-            if ((sb & 0x7F80) == 0x7F80) { bad[0] = 2; break; }
+            if ((sb & 0x7F80) == 0x7F80 || (have_tdev && (sb & 0x7F80) > CG_TSTEP_MAX_EXP)) { bad[0] = 2; break; }
             qparams[c0 + c] = mu;
             qparams[nch + c0 + c] = sb;
         }
@@ -187,15 +284,18 @@ CG_KERNEL void cg_params(const double *sum, const double *sumsq, const float *mn
 }
 
 // One thread per quantized value: symbol = 127 + sign(u) * min(floor(|u| + rnd), 127),
-// u = (x - mean) / step, rnd = rnd256 / 256 (128: nearest; smaller: a deadzone around zero).
+// u = (x - mean) / step, rnd = rnd256 / 256 (128: nearest; smaller: a deadzone around zero); with
+// have_ts, step = the channel's step * mult(tcodes[slab][token]) (exact).
 CG_KERNEL void cg_quantize(const u8 *src, int dtype, i64 slabs, i64 tokens, i64 channels, i64 exact,
-                           const u16 *qparams, int rnd256, u8 *sym) {
+                           const u16 *qparams, int rnd256, u8 *sym, const signed char *tcodes, int have_ts) {
     i64 tq = tokens - exact, nch = slabs * channels;
     float rnd = (float)rnd256 / 256.0f;  // exact
     CG_FOR(i, slabs * tq * channels) {
         i64 c = i % channels, t = (i / channels) % tq, s = i / (channels * tq), ch = s * channels + c;
         float x = load_value(src, dtype, (u64)((s * tokens + exact + t) * channels + c));
-        float u = cg_fdiv(cg_fsub(x, bf16_to_f32(qparams[ch])), bf16_to_f32(qparams[nch + ch]));
+        float step = bf16_to_f32(qparams[nch + ch]);
+        if (have_ts) step = cg_fmul(step, tmult(tcodes[s * tq + t]));
+        float u = cg_fdiv(cg_fsub(x, bf16_to_f32(qparams[ch])), step);
         float m = floorf(cg_fadd(fabsf(u), rnd));
         if (m > (float)CG_QMAX) m = (float)CG_QMAX;
         int q = (int)m;
@@ -349,10 +449,11 @@ CG_KERNEL void cg_gather(const u8 *scratch, const u64 *base, const u32 *len, con
 }
 
 // One thread per stream: decode stream j (data[ends[j-1] .. ends[j])) into dequantized values of
-// out (want_symbols == 0) or symbols of sym_out; bad[j] = 1 when the stream is inconsistent.
+// out (want_symbols == 0) or symbols of sym_out; bad[j] = 1 when the stream is inconsistent. With
+// have_ts, a value's step is its channel's times mult(tcodes[slab][token]) (exact).
 CG_KERNEL void cg_decode(const u8 *data, const u32 *ends, i64 slabs, i64 tokens, i64 channels, i64 exact, i64 group,
                          const u32 *cum, const u8 *bucket, const u8 *elo, const u16 *qparams, int dtype, u8 *out,
-                         int want_symbols, u8 *sym_out, int *bad) {
+                         int want_symbols, u8 *sym_out, int *bad, const signed char *tcodes, int have_ts) {
     i64 gps = (channels + group - 1) / group, tq = tokens - exact, nch = slabs * channels;
     CG_FOR(j, slabs * gps) {
         i64 s = j / gps, c0 = (j % gps) * group, w = c0 + group <= channels ? group : channels - c0;
@@ -361,6 +462,7 @@ CG_KERNEL void cg_decode(const u8 *data, const u32 *ends, i64 slabs, i64 tokens,
         u32 range = 0xFFFFFFFFu, code = 0;
         for (int i = 0; i < 4; i++) { code = (code << 8) | (pos < len ? p[pos] : 0); pos++; }
         for (i64 t = 0; t < tq; t++) {
+            float mult = have_ts ? tmult(tcodes[s * tq + t]) : 1.0f;
             for (i64 k = 0; k < w; k++) {
                 i64 ch = s * channels + c0 + k;
                 const u32 *cu = cum + ch * 256;
@@ -382,7 +484,8 @@ CG_KERNEL void cg_decode(const u8 *data, const u32 *ends, i64 slabs, i64 tokens,
                     sym_out[(s * tq + t) * channels + c0 + k] = symbol;
                 } else {
                     float q = (float)((int)symbol - CG_QMAX);
-                    float y = cg_fadd(bf16_to_f32(qparams[ch]), cg_fmul(q, bf16_to_f32(qparams[nch + ch])));
+                    float step = cg_fmul(bf16_to_f32(qparams[nch + ch]), mult);  // exact (1.0 without codes)
+                    float y = cg_fadd(bf16_to_f32(qparams[ch]), cg_fmul(q, step));
                     store_value(out, dtype, (u64)((s * tokens + exact + t) * channels + c0 + k), y);
                 }
             }
