@@ -91,9 +91,10 @@ def token_codes(raw: Buffer, g: Geometry) -> bytes:
         InvalidInput: NaN or infinite values.
     """
     try:
-        return rangecoder().token_codes(raw, g.dtype_code, g.slabs, g.tokens, g.channels, g.exact, g.heads)
+        codes: bytes = rangecoder().token_codes(raw, g.dtype_code, g.slabs, g.tokens, g.channels, g.exact, g.heads)
     except ValueError as exc:
         raise InvalidInput(f"cachegen cannot encode this chunk: {exc}") from None
+    return codes
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +231,8 @@ def live_components(s: Mapping[str, bytes | memoryview]) -> bytes:
     live = np.frombuffer(s["tab_n"], np.uint8) != 1
     if "tscale" in s:
         live |= np.frombuffer(s["tab_lo"], np.uint8) != QMAX
-    return live.astype(np.uint8).tobytes()
+    out: bytes = live.astype(np.uint8).tobytes()
+    return out
 
 
 def decode_sections(
