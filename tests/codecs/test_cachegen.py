@@ -556,6 +556,7 @@ def test_fuzz_containers() -> None:
         ({"group": 4}, LAYOUT),
         ({"exact_tokens": 2, "level": 3}, MLA),
         ({"rope_theta": 1e4, "group": 5}, LAYOUT),
+        ({"token_scale": False, "group": 4}, LAYOUT),  # format 2, without the tscale section
     ]
     for seed, (params, layout) in enumerate(cases):
         base = Base("cachegen", params, layout, seed)
