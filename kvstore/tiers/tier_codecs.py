@@ -19,7 +19,7 @@ import kvstore.codecs  # noqa: F401  (registers every codec)
 from kvstore.buffers import U8
 from kvstore.codecs.base import ChunkLayout, Codec, CodecParams, make_codec
 from kvstore.codecs.container import unpack
-from kvstore.errors import CodecError, InvalidInput
+from kvstore.errors import CodecError, InvalidInput, UnknownName
 from kvstore.keys import Namespace, NamespaceId
 
 
@@ -86,8 +86,23 @@ class TierCodecs:
         container = unpack(data, verify=False)
         if container.spec != ns.spec:
             raise CodecError("container holds KV of another spec than the namespace's")
-        codec = self._codec(CodecChoice(container.codec, dict(container.params)))
-        return codec.decode_into(data, out).nbytes
+        return self._decoder(ns.id, container.codec).decode_into(data, out).nbytes
+
+    def _decoder(self, ns: NamespaceId, name: str) -> Codec:
+        """A codec object that decodes ``name``'s containers: one configured for the namespace or a tier
+        (a container holds its own params; the configuration gives what it does not, e.g. where
+        cachegen's profiles are), else one with default params.
+
+        Raises:
+            CodecError: no codec of that name is registered.
+        """
+        with self._lock:
+            mine = [c for (n, _), c in self._overrides.items() if n == ns and c.codec == name]
+        choice = next(iter(mine), None) or next((c for c in self._defaults.values() if c.codec == name), None)
+        try:
+            return self._codec(choice or CodecChoice(name))
+        except (UnknownName, InvalidInput) as exc:
+            raise CodecError(f"cannot decode a {name!r} container: {exc}") from None
 
     def _codec(self, choice: CodecChoice) -> Codec:
         key = (choice.codec, tuple(sorted(choice.params.items())))

@@ -104,3 +104,42 @@ def test_corrupt_container_is_a_counted_miss(tmp_path: Path) -> None:
         out = torch.empty(SPEC.chunk_shape(32), dtype=torch.bfloat16)
         assert st.get(NS, key, out) is None
         assert st.stats().decode_errors == 1 and not low.contains(key)
+
+
+@pytest.mark.skipif("cachegen" not in codec_names(), reason="kvstore._rangecoder is not built")
+@pytest.mark.parametrize("transform", [False, True])
+def test_cachegen_with_a_profile_directory_through_a_tier(transform: bool, tmp_path: Path) -> None:
+    """A tier's cachegen with ``profile_dir`` (the recommended setup): its containers name the profile
+    (and, with a transform, format 4 carries ``transform``), and reads find it through the tier's codec."""
+    import numpy as np
+
+    from kvstore.codecs.base import ChunkLayout
+    from kvstore.codecs.cachegen_params import CachegenParams
+    from kvstore.codecs.cachegen_profile import build_profile
+    from kvstore.codecs.cachegen_transform import HeadStatistics, build_transform
+    layout = ChunkLayout(SPEC, 32)
+    samples = [(kv(100 + i).contiguous().view(-1).view(torch.uint8).numpy(), layout) for i in range(2)]
+    head = None
+    if transform:
+        rng = np.random.default_rng(0)
+        a, b = rng.normal(size=(2, 8, 2, 64, 64))
+        head = build_transform(HeadStatistics(a @ a.transpose(0, 1, 3, 2) * 1e-9, b @ b.transpose(0, 1, 3, 2)))
+    profile = build_profile(samples, CachegenParams(level=1), transform=head)
+    directory = tmp_path / "profiles"
+    directory.mkdir()
+    profile.save(directory)
+    choice = CodecChoice("cachegen", {"profile": profile.digest, "profile_dir": str(directory)})
+    top = CPUTier(CPUTierConfig(capacity_bytes=CHUNK, alignment=256), "top")  # holds one chunk
+    low = DiskTier(DiskTierConfig(path=str(tmp_path / "disk"), capacity_bytes=64 * CHUNK), "low")
+    with TieredStore([top, low], StoreConfig(codecs={"low": choice})) as st:
+        st.register_namespace(NS)
+        toks = list(range(3 * 32))
+        chunks = [kv(i) for i in range(3)]
+        st.put_prefix(NS, toks, chunks)
+        st.flush()
+        key = prefix_keys(NS, toks)[0]
+        out = torch.empty(SPEC.chunk_shape(32), dtype=torch.bfloat16)
+        assert st.get(NS, key, out) == CHUNK  # from the lower tier, decoded with the named profile
+        assert st.stats().decode_errors == 0
+        err = (out.float() - chunks[0].float()).abs().max().item()
+        assert 0 < err < 0.6 * chunks[0].float().abs().max().item()
