@@ -251,9 +251,14 @@ class TieredStore:
         self._check(ns)
         self.codecs.set(ns.id, tier, CodecChoice(codec, dict(params or {})))
 
-    def _prepare(self, key: ChunkKey, meta: ChunkMeta, tier: int, data: U8) -> tuple[U8, ChunkMeta] | None:
-        """What tier number ``tier`` stores for a chunk: its raw bytes or its codec container."""
+    def _prepare(
+        self, key: ChunkKey, meta: ChunkMeta, tier: int, data: U8, is_container: bool = False
+    ) -> tuple[U8, ChunkMeta] | None:
+        """What tier number ``tier`` stores for a chunk: its raw bytes or its codec container
+        (``is_container``: ``data`` is a container, see :meth:`EncodedPuts.prepare`)."""
         name = self.tiers[tier].name
+        if is_container:
+            return self.encoded.prepare(key, meta, name, data)
         if not self.codecs.encoded(name):
             return data, meta
         ns = self._namespaces.get(meta.namespace)
@@ -275,7 +280,8 @@ class TieredStore:
             lower = list(range(tier + 1, len(self.tiers)))
             if self.config.write_mode == "write_back" and lower and data is not None and not self._closed:
                 # the bytes are valid only during this call: the job owns a copy
-                self._writer.submit(WriteJob(key, meta, lower, data=np.array(data)), block=False)
+                encoded = self.codecs.encoded(self.tiers[tier].name)
+                self._writer.submit(WriteJob(key, meta, lower, data=np.array(data), encoded=encoded), block=False)
 
         return on_evict
 

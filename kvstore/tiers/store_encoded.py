@@ -20,9 +20,10 @@ from kvstore.buffers import U8
 from kvstore.checksum import checksum
 from kvstore.codecs.base import ChunkLayout, make_codec
 from kvstore.codecs.container import Container, unpack
-from kvstore.errors import ChunkTooLarge, InvalidInput
+from kvstore.errors import ChunkTooLarge, CodecError, InvalidInput, UnknownNamespace
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.tiers.base import ChunkMeta
+from kvstore.tiers.writer import WriteJob
 
 if TYPE_CHECKING:
     from kvstore.tiers.store import TieredStore
@@ -111,7 +112,38 @@ class EncodedPuts:
                 self.discard(key)
             return False
         store._stored(key, meta, index)  # noqa: SLF001 - indexed and announced once fetchable
+        lower = list(range(index + 1, len(store.tiers)))
+        if store.config.write_mode == "write_through" and lower:
+            job = WriteJob(key, meta, lower, data=np.array(data), encoded=True)  # the job owns a copy
+            store._writer.submit(job)  # noqa: SLF001 - the store's own collaborator
         return True
+
+    def prepare(self, key: ChunkKey, meta: ChunkMeta, tier: str, container: U8) -> tuple[U8, ChunkMeta] | None:
+        """What ``tier`` stores for a chunk held as ``container`` (an encoded tier's): the container
+        itself where the tier's codec writes exactly its codec and params, else the decoded chunk
+        (checked against its sender's checksum where one was kept), re-encoded for an encoded tier.
+        None (skip the tier) for a namespace no longer registered.
+
+        Raises:
+            CodecError: the container does not decode, or not to the bytes its sender's checksum
+                names (the writer counts the failure).
+        """
+        store = self._store
+        try:
+            ns = store.namespace(meta.namespace)
+        except UnknownNamespace:
+            return None
+        c = unpack(container, verify=False)
+        if self.written_params(ns, tier, c.num_tokens) == (c.codec, dict(c.params)):
+            return container, meta
+        raw = np.empty(c.layout.nbytes, np.uint8)
+        store.codecs.decode_into(ns, container, raw)
+        if not self.verify(key, raw):
+            raise CodecError("a container stored as it arrived decodes to other bytes than its sender's")
+        encoded = store.codecs.encode(ns, tier, raw)
+        if encoded is not None:
+            return encoded, ChunkMeta(ns.id, int(encoded.size), b"", meta.cost)
+        return raw, ChunkMeta(ns.id, int(raw.size), checksum(raw), meta.cost)
 
     def verify(self, key: ChunkKey, decoded: U8) -> bool:
         """False if a decoded chunk fails the checksum its sender gave (True where none was kept)."""

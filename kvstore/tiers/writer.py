@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 Stored = Callable[[ChunkKey, ChunkMeta, int], None]
 """Called after a job stored a chunk in the store's tier number ``int``."""
 
-Prepare = Callable[[ChunkKey, ChunkMeta, int, U8], "tuple[U8, ChunkMeta] | None"]
-"""Turns a chunk's raw bytes into what tier number ``int`` stores (e.g. a codec
-container) and its meta; None to skip that tier."""
+Prepare = Callable[[ChunkKey, ChunkMeta, int, U8, bool], "tuple[U8, ChunkMeta] | None"]
+"""Turns a chunk's bytes (raw, or a codec container when the flag is set) into what
+tier number ``int`` stores (e.g. a codec container) and its meta; None to skip that tier."""
 
 
 @dataclass(slots=True)
@@ -35,7 +35,9 @@ class WriteJob:
     """Write ``key`` to ``targets`` (store tier indices).
 
     The bytes come from ``data`` when the job owns a copy (write-back
-    demotion), else from a pinned view of ``source`` (write-through).
+    demotion, a container stored as it arrived), else from a pinned view of
+    ``source`` (write-through). ``encoded``: the bytes are a codec container
+    (an encoded tier's), not raw KV.
     """
 
     key: ChunkKey
@@ -43,6 +45,7 @@ class WriteJob:
     targets: list[int]
     data: U8 | None = None
     source: MemoryTier | None = None
+    encoded: bool = False
 
 
 @dataclass(slots=True)
@@ -148,7 +151,7 @@ class BackgroundWriter:
             for index in job.targets:
                 tier = self._tiers[index]
                 try:
-                    prepared = self._prepare(job.key, job.meta, index, data)
+                    prepared = self._prepare(job.key, job.meta, index, data, job.encoded)
                     stored = prepared is not None and tier.put(job.key, prepared[0], prepared[1])
                 except Exception:  # a failing tier or codec must not stop the writer
                     log.exception("background write to tier %s failed", tier.name)
