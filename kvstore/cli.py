@@ -110,6 +110,13 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], load: b
     )
     migrate_bench.add_arguments(mg)
     mg.set_defaults(bench_run=migrate_bench.run)
+    from kvstore.benchmarks import gpu as gpu_bench
+
+    gp = which.add_parser(
+        "gpu", help="GPU tier transfers and CUDA kernels against d2d and pinned-copy ceilings of the same run"
+    )
+    gpu_bench.add_arguments(gp)
+    gp.set_defaults(bench_run=gpu_bench.run)
 
 
 def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
