@@ -29,6 +29,7 @@ from kvstore.tiers.leases import LeaseId, LeaseTable
 from kvstore.tiers.memory import MemoryTier
 from kvstore.tiers.namespace_catalog import NamespaceCatalog
 from kvstore.tiers.store_encoded import EncodedPuts
+from kvstore.tiers.store_picker import TierPicker
 from kvstore.tiers.store_types import LookupResult, StoreConfig, StoreStats
 
 __all__ = ["LookupResult", "StoreConfig", "StoreStats", "TieredStore"]
@@ -71,9 +72,8 @@ class TieredStore:
         self._events = events
         self._clock = clock
         self._shared = [i for i, t in enumerate(self.tiers) if t.shared]
-        self._fastest_cache: dict[int, int] = {}
-        self._name_cache: dict[int, str] = {}
         self.index = PrefixIndex()
+        self._picker = TierPicker(self.tiers, self.index)
         self.chunk_caches = ChunkCacheIndex()
         self.leases = LeaseTable(clock, config.lease_ttl_s, config.max_leases)
         self._namespaces: dict[NamespaceId, Namespace] = {}
@@ -313,15 +313,7 @@ class TieredStore:
         is checked to belong to ``ns``; the prefix ends at the first that does not.
         """
         self._check(ns)
-        return self._lookup(ns, (k for k in keys if self._belongs(ns.id, k)), len(keys), lease, ttl_s)
-
-    def _belongs(self, ns_id: NamespaceId, key: ChunkKey) -> bool:
-        """False if a local tier holds ``key`` for another namespace (absent keys pass: they miss anyway)."""
-        fastest = self._fastest_local(self.index.where(key))
-        if fastest < 0:
-            return True
-        meta = self.tiers[fastest].meta(key)
-        return meta is None or meta.namespace == ns_id
+        return self._lookup(ns, (k for k in keys if self._picker.belongs(ns.id, k)), len(keys), lease, ttl_s)
 
     def _lookup(
         self, ns: Namespace, keys_it: Iterator[ChunkKey], query_chunks: int, lease: bool, ttl_s: float | None
@@ -333,12 +325,12 @@ class TieredStore:
             self._extend_from_shared([hit.missed, *keys_it], found, masks)
         pins: dict[ChunkKey, Tier] = {}
         if lease and found:
-            keep = self._pin_hits(found, masks, pins)
+            keep = self._picker.pin_hits(found, masks, pins)
             found, masks = found[:keep], masks[:keep]
         if masks and masks.count(masks[0]) == len(masks):  # the common case: all in one place
-            names = [self._fastest_name(masks[0])] * len(masks)
+            names = [self._picker.fastest_name(masks[0])] * len(masks)
         else:
-            names = [self._fastest_name(m) for m in masks]
+            names = [self._picker.fastest_name(m) for m in masks]
         lease_id = self.leases.grant(pins, ttl_s) if lease and pins else None
         with self._lock:
             c = self._counts
@@ -355,70 +347,6 @@ class TieredStore:
         n = self.tiers[i].count_leading(rest)
         found.extend(rest[:n])
         masks.extend([1 << i] * n)
-
-    def _pin_hits(self, found: list[ChunkKey], masks: list[int], pins: dict[ChunkKey, Tier]) -> int:
-        """Pin each hit in its fastest local tier (one batch per tier); returns how many hits stand.
-
-        A hit that no local tier can pin any more (evicted since the index saw
-        it) ends the prefix there, unless a shared tier may still hold it.
-        """
-        first = self._fastest_local(masks[0])
-        if first >= 0 and masks.count(masks[0]) == len(masks):  # fast path: one tier holds them all
-            tier0 = self.tiers[first]
-            pinned_all = tier0.pin_many(found)
-            if all(pinned_all):
-                pins.update(dict.fromkeys(found, tier0))
-                return len(found)
-            for key, pinned in zip(found, pinned_all):
-                if pinned:
-                    tier0.unpin(key)
-        batches: dict[int, list[int]] = {}
-        for j, mask in enumerate(masks):
-            fastest = self._fastest_local(mask)
-            if fastest >= 0:
-                batches.setdefault(fastest, []).append(j)
-        keep = len(found)
-        for i, positions in batches.items():
-            tier = self.tiers[i]
-            for j, ok in zip(positions, tier.pin_many([found[j] for j in positions])):
-                if ok:
-                    pins[found[j]] = tier
-                    continue
-                self.index.discard(found[j], i)
-                other = self._pin_fastest(found[j], masks[j] & ~(1 << i))
-                if other is not None:
-                    pins[found[j]] = other
-                elif not any(self.tiers[t].shared for t in tiers_of(masks[j])):
-                    keep = min(keep, j)
-        for key in found[keep:]:
-            tier_ = pins.pop(key, None)
-            if tier_ is not None:
-                tier_.unpin(key)
-        return keep
-
-    def _fastest_local(self, mask: int) -> int:
-        """Index of the fastest non-shared tier in ``mask``, or -1 (cached per mask)."""
-        cached = self._fastest_cache.get(mask)
-        if cached is None:
-            local = [i for i in tiers_of(mask) if not self.tiers[i].shared]
-            cached = self._fastest_cache[mask] = local[0] if local else -1
-        return cached
-
-    def _fastest_name(self, mask: int) -> str:
-        name = self._name_cache.get(mask)
-        if name is None:
-            name = self._name_cache[mask] = self.tiers[tiers_of(mask)[0]].name
-        return name
-
-    def _pin_fastest(self, key: ChunkKey, mask: int) -> Tier | None:
-        for i in tiers_of(mask):
-            tier = self.tiers[i]
-            if tier.shared:
-                return None
-            if tier.pin(key):
-                return tier
-            self.index.discard(key, i)
-        return None
 
     def lookup_chunk_caches(self, ns: Namespace, passages: Sequence[TokenInput]) -> list[ChunkCacheEntry | None]:
         """The stored chunk-cache of each passage (None where absent), at any position."""
@@ -554,9 +482,9 @@ class TieredStore:
         self._check(ns)
         pins: dict[ChunkKey, Tier] = {}
         for key in keys:
-            if not self._belongs(ns.id, key):
+            if not self._picker.belongs(ns.id, key):
                 continue
-            tier = self._pin_fastest(key, self.index.where(key))
+            tier = self._picker.pin_fastest(key, self.index.where(key))
             if tier is not None:
                 pins[key] = tier
         return self.leases.grant(pins, ttl_s) if pins else None
