@@ -21,6 +21,13 @@ chunk (B acknowledges a chunk only then). Measured, in one run:
    ``deadline_hit_rate`` counts deadlines met.
 4. Raw link utilisation: raw bytes / time / shaped rate of the raw transfers.
 
+Both daemons keep a disk tier storing cachegen level 1; for the SmolLM2 KV it
+uses a calibrated profile of the model (``migrate_profile``: calibrated once,
+10-20 minutes on a CPU, then read from a cache; ``--uncalibrated`` runs without
+one, ``--profile-dir`` moves the cache). No profile of that model fits the
+Llama-geometry chunks: they move between a second pair of daemons whose tiers
+store uncalibrated cachegen.
+
 Needs root for network namespaces; where they are refused the benchmark says
 why and stops (exit code 0, ``{"skipped": ...}``). Code: ``migrate_run``
 (scenarios and report), ``migrate_lab`` (the daemons), ``migrate_data``
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvstore.benchmarks.common import (
     add_common_arguments,
@@ -41,6 +49,7 @@ from kvstore.benchmarks.common import (
     quick_default,
 )
 from kvstore.benchmarks.netlab import rate_bps
+from kvstore.errors import InvalidInput
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +75,12 @@ class MigrateBenchConfig:
             that codec and params are stored as they arrive, without decoding.
         target_disk_bytes: the receiving daemon's disk tier (0: none); it runs write-back, so
             chunks that arrive raw are not encoded for the disk in the background.
+        calibrated: the daemons' cachegen tiers (a bare ``cachegen`` in the tier codecs) use a calibrated
+            profile of the SmolLM2 model for its KV (``migrate_profile``: built once, then cached); the
+            Llama-geometry chunks, which no profile of that model fits, move between daemons without one.
+        profile_dir: the profile cache ("" for ``migrate_profile.default_directory()``).
+        profile_prompts: calibration prompts of the profile (of ``profile_context`` +
+            ``profile_continuation`` tokens, ``profile_draws`` sampled target sets each).
         seed: seed of the prompt draw and of the synthetic chunks.
         show_progress: progress lines on stderr.
     """
@@ -85,6 +100,12 @@ class MigrateBenchConfig:
     source_disk_bytes: int = 1 << 30
     target_tier_codecs: str = "disk=cachegen"
     target_disk_bytes: int = 1 << 30
+    calibrated: bool = True
+    profile_dir: str = ""
+    profile_prompts: int = 4
+    profile_context: int = 2048
+    profile_continuation: int = 256
+    profile_draws: int = 2
     seed: int = 0
     show_progress: bool = True
 
@@ -103,6 +124,10 @@ class MigrateBenchConfig:
             raise ValueError("deadline_transfers must be >= 0 and the deadline factors > 0")
         if not 1 <= self.window <= 64 or self.rtt_ms < 0:
             raise ValueError("window must be in [1, 64] and rtt_ms >= 0")
+        if self.profile_prompts < 1 or self.profile_draws < 1 or self.profile_continuation < 2:
+            raise ValueError("the profile needs >= 1 prompt and draw and >= 2 continuation tokens")
+        if self.profile_context < 256 or self.profile_context % 256:
+            raise ValueError("profile_context must be a positive multiple of 256")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MigrateBenchConfig:
@@ -123,6 +148,12 @@ class MigrateBenchConfig:
             source_disk_bytes=args.source_disk_bytes,
             target_tier_codecs=args.target_tier_codecs,
             target_disk_bytes=args.target_disk_bytes,
+            calibrated=not args.uncalibrated,
+            profile_dir=args.profile_dir,
+            profile_prompts=1 if q else 4,
+            profile_context=512 if q else 2048,
+            profile_continuation=32 if q else 256,
+            profile_draws=1 if q else 2,
             seed=args.seed,
             show_progress=not args.no_progress,
         )
@@ -154,14 +185,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--tier-codecs of the receiving daemon (default disk=cachegen; '' for none)")
     parser.add_argument("--target-disk-bytes", type=nonnegative_int, default=1 << 30,
                         help="disk tier of the receiving daemon in bytes (default 1 GiB; 0: none)")
+    parser.add_argument("--uncalibrated", action="store_true",
+                        help="cachegen tiers without a calibrated profile (default: build one per model, "
+                             "10-20 minutes once, then cached)")  # fmt: skip
+    parser.add_argument("--profile-dir", default="",
+                        help="cache of calibrated cachegen profiles (default $KVSTORE_PROFILE_CACHE, "
+                             "else ~/.cache/kvstore/cachegen-profiles)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvstore.benchmarks.migrate_profile import check_directory, default_directory
     from kvstore.benchmarks.migrate_run import run_config
 
     try:
         config = MigrateBenchConfig.from_args(args)
-    except ValueError as exc:
+        if config.calibrated:
+            check_directory(Path(config.profile_dir) if config.profile_dir else default_directory())
+    except (ValueError, InvalidInput) as exc:
         print(f"kvstore bench migrate: error: {exc}", file=sys.stderr)
         return 2
     return run_config(config, as_json=bool(args.json))

@@ -103,6 +103,17 @@ class LabServe:
             time.sleep(0.05)
         raise RuntimeError(f"kvstore serve in {self.node.name} did not start:\n{self.log()}")
 
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the daemon and wait for it (killed after ``timeout``); idempotent."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
     def log(self, nbytes: int = 3000) -> str:
         try:
             return self.log_path.read_bytes()[-nbytes:].decode(errors="replace")
@@ -172,13 +183,22 @@ class Pair:
         self.rtt_ms = rtt_ms
         self.peer_url = ""
 
-    def start(self) -> Pair:
+    def start(self, peer_url: str = "") -> Pair:
+        """Start both daemons, and the relay unless ``peer_url`` names one already running in B
+        (a relay connects to B's data plane per connection, so it outlives the daemons behind it)."""
         self.a.start()
         self.b.start()
-        b: Node = self.lab.node("b")
-        port = self.lab.start_relay("b", (b.ip, RELAY_PORT), ("127.0.0.1", DATA_PORT), rtt_ms=self.rtt_ms)
-        self.peer_url = f"kvstore://{b.ip}:{port}"
+        if not peer_url:
+            b: Node = self.lab.node("b")
+            port = self.lab.start_relay("b", (b.ip, RELAY_PORT), ("127.0.0.1", DATA_PORT), rtt_ms=self.rtt_ms)
+            peer_url = f"kvstore://{b.ip}:{port}"
+        self.peer_url = peer_url
         return self
+
+    def stop(self) -> None:
+        """Stop both daemons (the relay stays, for the next pair)."""
+        self.a.stop()
+        self.b.stop()
 
     def transfer(self, ns: Namespace, keys: Sequence[ChunkKey], codec: str, deadline_s: float | None = None,
                  window: int = 4, poll_s: float = 0.01, timeout_s: float = 600.0) -> TransferResult:

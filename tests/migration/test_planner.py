@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
 from kvstore.errors import InvalidInput
+from kvstore.service.migration.link import CoderRates
 from kvstore.service.migration.planner import CodecOption, PlanInput, plan
 
 MB = 1e6
@@ -174,3 +176,58 @@ def test_an_untimed_coder_pays_the_timed_read_of_the_raw_chunk() -> None:
     raw, int8 = effective_options([RAW, INT8], rates, frozenset(), frozenset())
     assert raw.encode_bytes_per_s == pytest.approx(600 * MB)  # raw still reads
     assert int8.encode_bytes_per_s == pytest.approx(1 / (1 / (600 * MB) + 1 / (600 * MB)))  # read, then encode
+
+
+def _llama_push_chunks(coders: CoderRates, first_cachegen_s: float, chunks: int) -> list[str]:
+    """Plan ``chunks`` 32 MiB chunks of pushes with an impossible deadline, as a push does; each chosen
+    option is timed at its true speed, except cachegen's first timing (``first_cachegen_s``)."""
+    from kvstore.keys import Namespace
+    from kvstore.service.migration.link import LinkEstimator
+    from kvstore.service.migration.progress import TransferProgress
+    from kvstore.service.migration.transfer import READ_STAGE, Ahead, TransferRequest, _plan
+    from kvstore.spec import KVSpec, ModelFingerprint
+
+    size = 32 << 20
+    ns = Namespace("t", KVSpec(ModelFingerprint("llama-like"), 32, 8, 128), chunk_tokens=256)
+    cg = CodecOption("cachegen-1", "cachegen", {"level": 1}, 2, ratio=4.0, encode_bytes_per_s=100 * MB,
+                     decode_bytes_per_s=150 * MB, container_params={"level": 1})  # fmt: skip
+    req = TransferRequest("kvstore://peer:1", ns, (), deadline_s=0.01, codec_options=(RAW, cg), window=4)
+    progress = TransferProgress("t", "push", "kvstore://peer:1", ns.id.hex(), "t", "auto", chunks)
+    link = LinkEstimator(initial_bytes_per_s=GBIT)
+    true_send = {"raw": 0.02, "cachegen-1": 0.03}  # a read of the raw chunk, then of the held container
+    chosen = []
+    for n in range(chunks):
+        coders.sent(READ_STAGE, False, size, 0.02)
+        held = peer = frozenset({"cachegen-1"})
+        label = _plan(req, progress, link, Ahead(size * 4, 4, 0.02), time.monotonic(), held, peer, coders).option.label
+        seconds = first_cachegen_s if label == "cachegen-1" and "cachegen-1" not in chosen else true_send[label]
+        coders.sent(label, label in held, size, seconds)
+        coders.stored(label, label in peer, size, 0.01)
+        chosen.append(label)
+    return chosen
+
+
+def test_one_slow_first_timing_does_not_keep_a_codec_from_being_tried_again() -> None:
+    # the regression of 32 MiB chunks with an impossible deadline: a cold first read of a held
+    # cachegen container (2 s) made it look slower than raw for some 20 chunks
+    chosen = _llama_push_chunks(CoderRates(), first_cachegen_s=2.0, chunks=12)
+    assert chosen[0] == "cachegen-1"  # its measurement says it is fastest
+    assert "cachegen-1" in chosen[1:6]  # retried within stale_after + 1 chunks, timed again ...
+    assert chosen[-4:] == ["cachegen-1"] * 4  # ... and kept, at its true speed
+    assert chosen.count("cachegen-1") >= 8
+
+
+def test_an_option_slow_twice_is_not_retried_again_and_again() -> None:
+    rates = CoderRates(stale_after=4)
+    for _ in range(2):
+        rates.sent("int8", False, 1_000_000, 1.0)  # 1 MB/s, twice: it is slow
+    for _ in range(10):
+        rates.relax("int8", False, False)
+    assert rates.send_rate("int8", False) is not None  # only relaxed, never forgotten
+    once = CoderRates(stale_after=4)
+    once.sent("int8", False, 1_000_000, 1.0)
+    for _ in range(3):
+        once.relax("int8", False, False)
+    assert once.send_rate("int8", False) is not None
+    once.relax("int8", False, False)
+    assert once.send_rate("int8", False) is None  # one sample, passed over 4 times: forgotten

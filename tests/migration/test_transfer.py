@@ -12,7 +12,14 @@ import pytest
 
 from kvstore.keys import Namespace
 from kvstore.spec import KVSpec, ModelFingerprint
-from tests.migration.transfer_helpers import FaultyRelay, daemon_pair, float_chunks, read_chunks, store_chunks
+from tests.migration.transfer_helpers import (
+    FaultyRelay,
+    daemon_pair,
+    float_chunks,
+    ports_held,
+    read_chunks,
+    store_chunks,
+)
 from tests.service.daemon_fixtures import HAVE_DATAPLANE, TOKEN_A, TOKEN_B, TOKENS, DaemonProc
 
 pytestmark = pytest.mark.skipif(not HAVE_DATAPLANE, reason="the data plane is not built")
@@ -155,19 +162,21 @@ def test_peer_dying_mid_transfer_then_resume(tmp_path: Path) -> None:
     try:
         keys, chunks = float_chunks(NS, 48, seed=8)
         store_chunks(a.port, TOKEN_A, NS, keys, chunks)
-        relay = FaultyRelay(b.port)
-        # slow the link: one chunk in flight, the relay forwards at loopback speed, the kill lands mid-way
+        # one chunk in flight, so that the kill lands mid-way
         tid = start(a, {"peer": f"kvstore://127.0.0.1:{b.port}", "token": TOKEN_A, "window": 1,
                         "keys": [k.hex() for k in keys]})["id"]  # fmt: skip
-        relay.close()
-        while a.call("GET", f"/v1/transfers/{tid}", token=TOKEN_A).json()["chunks_done"] < 4:
+        p = a.call("GET", f"/v1/transfers/{tid}", token=TOKEN_A).json()
+        while p["chunks_done"] < 4 and p["state"] == "running":
             time.sleep(0.005)
+            p = a.call("GET", f"/v1/transfers/{tid}", token=TOKEN_A).json()
         b.kill()
-        p = wait(a, tid)
-        if p["state"] == "done":
-            pytest.skip("the transfer finished before the peer died (machine too fast)")
-        assert p["state"] == "failed" and "unreachable" in p["error"], p
-        b.start()
+        # until B is back its ports stay ours: refused, as a dead daemon's, and kept for its restart
+        with ports_held(b.port, b.admin_port):
+            p = wait(a, tid)
+            if p["state"] == "done":
+                pytest.skip("the transfer finished before the peer died (machine too fast)")
+            assert p["state"] == "failed" and "unreachable" in p["error"], p
+            b.start()
         resumed = a.call("POST", f"/v1/transfers/{tid}/resume", token=TOKEN_A)
         assert resumed.status == 200, resumed
         p = wait(a, tid)

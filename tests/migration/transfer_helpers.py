@@ -67,6 +67,31 @@ def _with_cryptography(cert_path: Path, key_path: Path) -> None:
                                            serialization.NoEncryption()))  # fmt: skip
 
 
+@contextmanager
+def ports_held(*ports: int) -> Iterator[None]:
+    """Keep loopback ``ports`` bound (SO_REUSEADDR, not listening) while the daemon that used them is
+    down, and through its restart on them.
+
+    A connection to them is refused at once, as to a dead daemon, and no other process is handed
+    them: ports from ``free_port`` are ephemeral ones, and while a peer is down (a push's reconnect
+    backoff, then its restart: seconds under load) another test's ``free_port`` or connection may
+    get one; a push would then talk to that process (and hang on its HELLO, or store into it) and
+    the restart would find the port taken. The daemon itself binds them again (its listener sets
+    SO_REUSEADDR too, which a bound socket that does not listen allows).
+    """
+    held = []
+    try:
+        for port in ports:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the dead daemon's TIME_WAITs
+            held.append(sock)
+            sock.bind(("127.0.0.1", port))
+        yield
+    finally:
+        for sock in held:
+            sock.close()
+
+
 class FaultyRelay:
     """A TCP relay to ``target`` that, once, cuts the connection or flips one byte.
 

@@ -16,7 +16,7 @@ is re-estimated within a chunk or two; a rise is followed by the average).
 :class:`CoderRates` learns, the same way, what each codec really costs in a
 transfer: the sender's stage per chunk (reading it, encoding it or reading
 its stored container) and the peer's (its checks and decoding, XPUT's
-``decode_s``), seeded by the one-time measurement on an idle thread.
+``decode_s`` and ``store_s``), seeded by the one-time measurement on an idle thread.
 """
 
 from __future__ import annotations
@@ -153,12 +153,15 @@ class CoderRates:
     newest). Invariant: every estimate is finite and > 0.
     """
 
-    def __init__(self, weight: float = 0.5) -> None:
-        if not 0 < weight <= 1:
-            raise InvalidInput("weight must be in (0, 1]")
+    def __init__(self, weight: float = 0.5, stale_after: int = 4) -> None:
+        if not 0 < weight <= 1 or stale_after < 1:
+            raise InvalidInput("weight must be in (0, 1] and stale_after >= 1")
         self.weight = weight
+        self.stale_after = stale_after
         self._send: dict[tuple[str, bool], float] = {}
         self._peer: dict[tuple[str, bool], float] = {}
+        self._passed: dict[tuple[str, bool, bool], int] = {}  # chunks in a row an option was passed over
+        self._samples: dict[tuple[bool, tuple[str, bool]], int] = {}  # samples fed per (sender?, key), ever
         self._slip = 1.0
 
     def sent(self, label: str, skipped: bool, raw_bytes: int, seconds: float) -> None:
@@ -166,7 +169,7 @@ class CoderRates:
         self._feed(self._send, (label, skipped), raw_bytes, seconds)
 
     def stored(self, label: str, skipped: bool, raw_bytes: int, seconds: float) -> None:
-        """The peer's work on one chunk (XPUT's ``decode_s``)."""
+        """The peer's work on one chunk (XPUT's ``decode_s`` + ``store_s``)."""
         self._feed(self._peer, (label, skipped), raw_bytes, seconds)
 
     @property
@@ -186,14 +189,28 @@ class CoderRates:
         self._slip = (1 - self.weight) * self._slip + self.weight * sample
 
     def relax(self, label: str, held: bool, peer: bool, factor: float = 0.9) -> None:
-        """An option passed over for a chunk: its learned times shrink by ``factor``.
+        """An option passed over for a chunk: its learned times shrink by ``factor``; one resting on a
+        single sample is forgotten after ``stale_after`` chunks in a row passed over.
 
-        A slow sample (a cold read, a busy moment) would otherwise keep an option from being chosen,
-        and so from being timed again; relaxed, it is tried again after a few chunks and re-learned.
+        A slow first sample (a cold read, a busy moment) would otherwise keep an option from being
+        chosen, and so from being timed again: shrinking by 0.9 a chunk takes some 20 chunks to undo
+        a sample 10x too slow. Forgotten, the option is costed as one not timed yet (its measurement
+        here), so it is tried again where that says it is best and timed a second time; from then on
+        it is only relaxed, so an option that is really slow costs at most one chunk more.
         """
+        state = (label, held, peer)
+        passed = self._passed[state] = self._passed.get(state, 0) + 1
         for table, key in ((self._send, (label, held)), (self._peer, (label, peer))):
-            if key in table:
+            if key not in table:
+                continue
+            if passed >= self.stale_after and self._samples.get((table is self._send, key), 0) < 2:
+                del table[key]
+            else:
                 table[key] *= factor
+
+    def chosen(self, label: str, held: bool, peer: bool) -> None:
+        """An option chosen for a chunk: its run of chunks passed over ends."""
+        self._passed.pop((label, held, peer), None)
 
     def send_rate(self, label: str, skipped: bool) -> float | None:
         found = self._send.get((label, skipped))
@@ -208,5 +225,7 @@ class CoderRates:
         if raw_bytes <= 0 or not math.isfinite(seconds) or seconds < 0:
             raise InvalidInput(f"a coder sample needs bytes > 0 and seconds >= 0, got {raw_bytes}, {seconds}")
         sample = max(seconds, 1e-6) / raw_bytes  # seconds per byte: averaged as times, not as rates
+        count = (table is self._send, key)
+        self._samples[count] = self._samples.get(count, 0) + 1
         old = table.get(key)
         table[key] = sample if old is None else (1 - self.weight) * old + self.weight * sample

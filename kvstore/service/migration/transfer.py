@@ -291,6 +291,8 @@ def _plan(req: TransferRequest, progress: TransferProgress, link: LinkEstimator,
         for o in options:
             if o.label != choice.option.label:
                 coders.relax(o.label, o.label in held, o.label in peer)
+            else:
+                coders.chosen(o.label, o.label in held, o.label in peer)
     progress.estimate_bytes_per_s = est
     progress.projected_s = choice.projected_s
     progress.recompute_cheaper = progress.recompute_cheaper or choice.recompute_cheaper
@@ -340,9 +342,9 @@ async def _send(client: AsyncClient, ns: Namespace, key: ChunkKey, raw_size: int
                 raise TransferFailed(f"chunk {key.hex()} arrived corrupt {attempt + 1} times: {exc}") from exc
             progress.resent += 1
             continue
-        clock.acked(len(data), sent_at, busy_s=result.decode_s)
+        clock.acked(len(data), sent_at, busy_s=result.busy_s)
         if coders is not None:
-            coders.stored(option.label, option.codec != "raw" and result.encoded[0], raw_size, result.decode_s)
+            coders.stored(option.label, option.codec != "raw" and result.encoded[0], raw_size, result.busy_s)
         if result.encoded[0]:  # what the peer did with this codec's containers: the planner's next guess
             peer.add(option.label)
         elif option.codec != "raw":

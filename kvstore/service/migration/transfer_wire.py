@@ -39,11 +39,18 @@ class HaveReply:
 
 @dataclass(frozen=True, slots=True)
 class XPutReply:
-    """XPUT's answer: per chunk stored, stored encoded (as sent), and the peer's decoding time."""
+    """XPUT's answer: per chunk stored, stored encoded (as sent); the peer's time checking and decoding
+    (``decode_s``) and storing (``store_s``: 0.0 from a peer that does not report it)."""
 
     stored: list[bool]
     encoded: list[bool]
     decode_s: float
+    store_s: float = 0.0
+
+    @property
+    def busy_s(self) -> float:
+        """All the peer's work on the chunks before it acknowledged them."""
+        return self.decode_s + self.store_s
 
 
 async def have(client: AsyncClient, ns: Namespace, keys: Sequence[bytes]) -> HaveReply:
@@ -73,4 +80,4 @@ async def xput(client: AsyncClient, ns: Namespace, keys: Sequence[bytes], payloa
     reply, _ = await conn.call(MsgType.XPUT, header, b"".join(payloads))
     stored = [bool(s) for s in reply["stored"]]
     encoded = [bool(e) for e in reply.get("encoded", [False] * len(stored))]
-    return XPutReply(stored, encoded, float(reply.get("decode_s", 0.0)))
+    return XPutReply(stored, encoded, float(reply.get("decode_s", 0.0)), float(reply.get("store_s", 0.0)))
