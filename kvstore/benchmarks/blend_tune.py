@@ -80,6 +80,16 @@ VARIANTS: dict[str, Variant] = {
     "bos-g532": _v("bos", gradual=(0.5, 0.3, 0.2)),
     "v": _v(deviation="v"),
     "hn": _v(deviation="kv_head_norm"),
+    "inf": _v(influence=1.0),
+    "inf-g532": _v(influence=1.0, gradual=(0.5, 0.3, 0.2)),
+    "bos-inf": _v("bos", influence=1.0),
+    "mix": _v(influence=0.5),
+    "mix-g532": _v(influence=0.5, gradual=(0.5, 0.3, 0.2)),
+    "bos-mix": _v("bos", influence=0.5),
+    "w1": _v(attention_weight=1.0),
+    "w025": _v(attention_weight=0.25),
+    "w0": _v(attention_weight=0.0),
+    "ph": _v(attention_per_head=True),
 }
 
 
@@ -107,7 +117,8 @@ def _passages(lm: LoadedModel, pool: list[tuple[int, ...]], prefix: list[int]) -
 
 
 def run(
-    seeds: list[int], prompts: int, names: list[str], cache_dir: Path, passage_tokens: int, passages: int
+    seeds: list[int], prompts: int, names: list[str], cache_dir: Path, passage_tokens: int, passages: int,
+    first: int = 0,
 ) -> None:
     """Score every named variant on ``prompts`` prompts of each seed; prints one JSON line per run, then a table."""
     lm = load_smollm2("float32")
@@ -118,6 +129,8 @@ def run(
         pool, rag = build_prompts(lm, cfg)
         kv_by_mode: dict[str, list[PassageKV]] = {}
         for n, prompt in enumerate(rag):
+            if n < first:
+                continue
             ids = prompt.head + [t for i in prompt.order for t in pool[i]] + prompt.tail
             ref = _reference(lm, ids, prompt, cache_dir / f"s{seed}-{passages}x{passage_tokens}-p{n}.npy")
             for name in names:
@@ -158,13 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--passages", type=int, default=6)
     parser.add_argument("--passage-tokens", type=int, default=512)
+    parser.add_argument("--first-prompt", type=int, default=0, help="skip the prompts before this one")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "kvstore-blend-tune",
                         help="where full-prefill references are kept between runs")
     parser.add_argument("--variants", nargs="+", default=["r0", "default"], choices=sorted(VARIANTS))
     args = parser.parse_args(argv)
     with torch_threads(args.threads):
-        run(args.seeds, args.prompts, args.variants, args.cache_dir, args.passage_tokens, args.passages)
+        run(args.seeds, args.prompts, args.variants, args.cache_dir, args.passage_tokens, args.passages,
+            args.first_prompt)
     return 0
 
 

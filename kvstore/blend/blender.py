@@ -9,7 +9,8 @@ Per prompt (``Blender.blend``):
    ``BlendConfig.gradual`` step), fresh K/V of the tokens still computed are
    compared with the reused K/V (``BlendConfig.deviation``), weighted by the
    attention each token gets from the uncached tokens' queries
-   (``BlendConfig.attention_weight``); the scores add up over the filtering
+   (``BlendConfig.attention_weight``), or by each token's effect on their
+   attention output (``BlendConfig.influence``); the scores add up over the filtering
    layers, and the top share of the reused tokens the schedule names (last:
    ``ratio``), and every uncached token, go on. Fresh K/V of every token
    computed at a layer replace the reused K/V at their positions.
@@ -39,10 +40,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvstore.blend.config import BlendConfig
+from kvstore.blend.influence import attention_influence
 from kvstore.blend.llama import LayerQKV, LlamaStack, SparseAttention
 from kvstore.blend.rope import RopeSpec, rope_from_model, shift_keys_into
 from kvstore.blend.segments import Assembled, PassageKV, Segment
-from kvstore.blend.select import keep_count, kv_deviation, select_per_group, select_tokens
+from kvstore.blend.select import head_deviation, keep_count, kv_deviation, select_per_group, select_tokens
 from kvstore.errors import InvalidInput, ShapeMismatch
 from kvstore.spec import KVSpec
 
@@ -216,18 +218,30 @@ class Blender:
 
     def _score(self, p: LayerQKV, old_k: torch.Tensor, old_v: torch.Tensor, sel: torch.Tensor,
                forced: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """One layer's ranking score of the computed tokens ``sel``: deviation x attention^w, mean 1 over candidates."""
+        """One layer's ranking score of the computed tokens ``sel``: deviation x attention^w and/or influence, each mean 1 over candidates."""
         cfg = self.config
+        queries = forced
+        if cfg.attention_queries:
+            queries = torch.zeros_like(forced)
+            queries[-cfg.attention_queries :] = True
+        dev = torch.zeros(sel.numel())
+        cand = candidates[sel]
+        if cfg.influence < 1.0:
+            dev += (1.0 - cfg.influence) * _unit_mean(self._deviation(p, old_k, old_v, sel, queries), cand)
+        if cfg.influence > 0.0:
+            dev += cfg.influence * _unit_mean(attention_influence(p.q, p.k, p.v, old_k, old_v, sel, queries), cand)
+        return dev
+
+    def _deviation(self, p: LayerQKV, old_k: torch.Tensor, old_v: torch.Tensor, sel: torch.Tensor,
+                   queries: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.attention_per_head and cfg.attention_weight:
+            per_head = head_deviation(p.k, p.v, old_k, old_v, cfg.deviation)  # [kv_heads, n]
+            mass = attention_mass(p.q, p.k, sel, queries, per_kv_head=True)
+            return (per_head * mass.pow(cfg.attention_weight)).sum(0)
         dev = kv_deviation(p.k, p.v, old_k, old_v, cfg.deviation)
         if cfg.attention_weight:
-            queries = forced
-            if cfg.attention_queries:
-                queries = torch.zeros_like(forced)
-                queries[-cfg.attention_queries :] = True
             dev = dev * attention_mass(p.q, p.k, sel, queries).pow(cfg.attention_weight)
-        cand = candidates[sel]
-        if cand.any():
-            dev = dev / dev[cand].mean().clamp_min(torch.finfo(torch.float32).tiny)
         return dev
 
     def _check_passage(self, p: PassageKV) -> None:
@@ -244,8 +258,18 @@ class Blender:
             raise InvalidInput(f"passage KV must be floating point, got {p.kv.dtype}")
 
 
-def attention_mass(q: torch.Tensor, k: torch.Tensor, sel: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
-    """Attention each computed token receives from the queries of the ``forced`` positions (summed over heads), ``[n]``.
+def _unit_mean(score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``score`` scaled to mean 1 over the candidates (unchanged where there are none)."""
+    if not candidates.any():
+        return score
+    return score / score[candidates].mean().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def attention_mass(
+    q: torch.Tensor, k: torch.Tensor, sel: torch.Tensor, forced: torch.Tensor, per_kv_head: bool = False
+) -> torch.Tensor:
+    """Attention each computed token receives from the queries of the ``forced`` positions (summed over heads), ``[n]``
+    (``[kv_heads, n]`` with ``per_kv_head``: summed over each K/V head's query heads).
 
     ``q`` ``[1, heads, n, d]``, ``k`` ``[1, kv_heads, n, d]`` at positions ``sel``; causal by position.
     """
@@ -254,7 +278,10 @@ def attention_mass(q: torch.Tensor, k: torch.Tensor, sel: torch.Tensor, forced: 
     kf = k[0].repeat_interleave(qf.shape[0] // k.shape[1], dim=0)  # [heads, n, d]
     scores = qf @ kf.transpose(1, 2) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(sel[None, None, :] > sel[rows][None, :, None], float("-inf"))
-    return scores.softmax(-1).sum(dim=(0, 1))
+    weights = scores.softmax(-1)  # [heads, m, n]
+    if per_kv_head:
+        return weights.sum(dim=1).reshape(k.shape[1], -1, weights.shape[-1]).sum(1)
+    return weights.sum(dim=(0, 1))
 
 
 def check_spec(spec: KVSpec, stack: LlamaStack) -> None:

@@ -32,6 +32,11 @@ class BlendConfig:
             text among the uncached tokens instead).
         deviation: how reused tokens are ranked (``kvstore.blend.select``):
             ``"kv"``, ``"k"``, ``"v"`` or ``"kv_head_norm"``.
+        influence: share of the ranking score taken from each token's influence
+            (``kvstore.blend.influence``: how much its stale K/V move the
+            uncached tokens' attention output at that layer); the rest from
+            ``deviation`` x attention^``attention_weight``. Each part is scaled
+            to mean 1 over the candidates. 0: deviation only; 1: influence only.
         sink_tokens: the first ``sink_tokens`` tokens of every passage are
             always recomputed, on top of the ``ratio`` share (each passage's
             opening was an attention sink in its standalone computation).
@@ -41,6 +46,9 @@ class BlendConfig:
             ``a`` the attention the token receives at the filtering layer from
             the uncached tokens' queries (the question), so deviations that the
             question would read count more. 0 ranks by deviation alone.
+        attention_per_head: weight each K/V head's deviation by the attention
+            that head's query heads give the token, then sum over heads
+            (instead of total deviation x total attention).
         attention_queries: the attention weight counts the queries of the
             prompt's last ``attention_queries`` tokens only (0: every uncached token).
         score_layers: the ranking at ``check_layer`` sums the (attention-weighted,
@@ -59,6 +67,8 @@ class BlendConfig:
     attention_weight: float = 0.5
     score_layers: int = 1
     attention_queries: int = 0
+    influence: float = 0.0
+    attention_per_head: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) <= 1.0:
@@ -72,6 +82,9 @@ class BlendConfig:
             raise InvalidInput(f"the gradual schedule {steps} must not increase")
         if self.deviation not in DEVIATIONS:
             raise InvalidInput(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
+        f = self.influence
+        if not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0:
+            raise InvalidInput(f"influence must be in [0, 1], got {f!r}")
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise InvalidInput(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
         w = self.attention_weight
@@ -80,6 +93,8 @@ class BlendConfig:
         if not isinstance(self.score_layers, int) or not 1 <= self.score_layers <= self.check_layer:
             # layer 0 sees embeddings alone: its fresh K/V equal the reused ones, nothing to rank by
             raise InvalidInput(f"score_layers must be an integer in [1, check_layer], got {self.score_layers!r}")
+        if not isinstance(self.attention_per_head, bool):
+            raise InvalidInput(f"attention_per_head must be a bool, got {self.attention_per_head!r}")
         if not isinstance(self.attention_queries, int) or self.attention_queries < 0:
             raise InvalidInput(f"attention_queries must be an integer >= 0, got {self.attention_queries!r}")
         if self.min_passage_tokens < 1:

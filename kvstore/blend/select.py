@@ -53,6 +53,30 @@ def kv_deviation(
     return dk.sum(0) + dv.sum(0)
 
 
+def head_deviation(
+    fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor, measure: str = "kv"
+) -> torch.Tensor:
+    """Like :func:`kv_deviation`, per kv head: float32 ``[kv_heads, n]`` (``"kv_head_norm"`` normalises each head).
+
+    Raises:
+        InvalidInput: shapes differ, or an unknown measure.
+    """
+    if fresh_k.shape != old_k.shape or fresh_v.shape != old_v.shape:
+        raise InvalidInput(f"deviation of shapes {tuple(fresh_k.shape)} vs {tuple(old_k.shape)}")
+    if measure not in DEVIATIONS:
+        raise InvalidInput(f"deviation measure must be one of {DEVIATIONS}, got {measure!r}")
+    dk = (fresh_k.float() - old_k.float()).square().sum(dim=(0, 3))  # [kv_heads, n]
+    dv = (fresh_v.float() - old_v.float()).square().sum(dim=(0, 3))
+    if measure == "k":
+        return dk
+    if measure == "v":
+        return dv
+    if measure == "kv_head_norm":
+        eps = torch.finfo(torch.float32).tiny
+        return dk / dk.mean(1, keepdim=True).clamp_min(eps) + dv / dv.mean(1, keepdim=True).clamp_min(eps)
+    return dk + dv
+
+
 def keep_count(ratio: float, reused_total: int) -> int:
     """How many reused tokens a ratio keeps: ``round(ratio * reused_total)``."""
     return min(reused_total, round(ratio * reused_total))

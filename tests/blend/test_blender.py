@@ -101,7 +101,8 @@ def test_selection_options_on_a_real_prompt(rag: tuple[list[object], list[int]])
     base = Blender(lm.model, BlendConfig(ratio=0.2)).blend(segs)  # type: ignore[arg-type]
     others = [BlendConfig(ratio=0.2, deviation=m) for m in ("v", "kv_head_norm")] + [
         BlendConfig(ratio=0.2, score_layers=3), BlendConfig(ratio=0.2, attention_queries=1),
-        BlendConfig(ratio=0.2, attention_weight=0.0),
+        BlendConfig(ratio=0.2, attention_weight=0.0), BlendConfig(ratio=0.2, influence=1.0),
+        BlendConfig(ratio=0.2, influence=0.5), BlendConfig(ratio=0.2, attention_per_head=True),
     ]
     for cfg in others:  # the other rankings keep the same share, of other tokens
         r = Blender(lm.model, cfg).blend(segs)  # type: ignore[arg-type]

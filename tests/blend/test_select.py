@@ -7,7 +7,7 @@ import torch
 
 from kvstore.blend.blender import attention_mass
 from kvstore.blend.config import BlendConfig
-from kvstore.blend.select import DEVIATIONS, kv_deviation, select_per_group, select_tokens
+from kvstore.blend.select import DEVIATIONS, head_deviation, kv_deviation, select_per_group, select_tokens
 from kvstore.errors import InvalidInput
 
 
@@ -28,8 +28,13 @@ def test_measures() -> None:
     assert kv_deviation(k, v, ok, ov, "v").tolist() == [0.0, 9.0, 0.0]
     # per-head normalisation: each head's only changed token scores the same (3 = n / 1 token)
     torch.testing.assert_close(kv_deviation(k, v, ok, ov, "kv_head_norm"), torch.tensor([3.0, 3.0, 3.0]))
+    assert head_deviation(k, v, ok, ov).tolist() == [[100.0, 0.0, 0.0], [0.0, 9.0, 4.0]]
+    for m in DEVIATIONS:  # the per-head figures sum to the token's
+        torch.testing.assert_close(head_deviation(k, v, ok, ov, m).sum(0), kv_deviation(k, v, ok, ov, m))
     with pytest.raises(InvalidInput, match="deviation measure"):
         kv_deviation(k, v, ok, ov, "q")
+    with pytest.raises(InvalidInput, match="deviation measure"):
+        head_deviation(k, v, ok, ov, "q")
     with pytest.raises(InvalidInput):
         kv_deviation(k, v[:, :, :2], ok, ov)
 
@@ -56,6 +61,9 @@ def test_attention_mass_from_uncached_queries() -> None:
     mass = attention_mass(q, k, sel, forced)
     assert mass.shape == (4,) and abs(float(mass.sum()) - 2.0) < 1e-5  # one query row per head
     assert int(mass.argmax()) == 1 and float(mass[1]) > 1.9
+    per_head = attention_mass(q, k, sel, forced, per_kv_head=True)
+    assert per_head.shape == (1, 4)
+    torch.testing.assert_close(per_head[0], mass)
     head_only = attention_mass(q, k, sel, torch.tensor([True, False, False, False]))  # causal: sees token 0 only
     assert head_only.tolist() == [2.0, 0.0, 0.0, 0.0]
 
@@ -71,3 +79,8 @@ def test_config_checks() -> None:
     for bad_w in (-1.0, float("inf"), float("nan"), "1"):
         with pytest.raises(InvalidInput, match="attention_weight"):
             BlendConfig(attention_weight=bad_w)  # type: ignore[arg-type]
+    for bad_f in (-0.1, 1.5, float("nan"), "1"):
+        with pytest.raises(InvalidInput, match="influence"):
+            BlendConfig(influence=bad_f)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="attention_per_head"):
+        BlendConfig(attention_per_head=1)  # type: ignore[arg-type]
