@@ -26,6 +26,23 @@ Deviation = Literal["kv", "k", "v", "kv_head_norm"]
 DEVIATIONS: tuple[str, ...] = ("kv", "k", "v", "kv_head_norm")
 
 
+def _squared_deviations(
+    fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor, measure: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared K and V deviations per (kv head, token): float32 ``[kv_heads, n]`` each.
+
+    Raises:
+        InvalidInput: shapes differ, or an unknown measure.
+    """
+    if fresh_k.shape != old_k.shape or fresh_v.shape != old_v.shape:
+        raise InvalidInput(f"deviation of shapes {tuple(fresh_k.shape)} vs {tuple(old_k.shape)}")
+    if measure not in DEVIATIONS:
+        raise InvalidInput(f"deviation measure must be one of {DEVIATIONS}, got {measure!r}")
+    dk = (fresh_k.float() - old_k.float()).square().sum(dim=(0, 3))
+    dv = (fresh_v.float() - old_v.float()).square().sum(dim=(0, 3))
+    return dk, dv
+
+
 def kv_deviation(
     fresh_k: torch.Tensor, fresh_v: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor, measure: str = "kv"
 ) -> torch.Tensor:
@@ -37,12 +54,7 @@ def kv_deviation(
     Raises:
         InvalidInput: shapes differ, or an unknown measure.
     """
-    if fresh_k.shape != old_k.shape or fresh_v.shape != old_v.shape:
-        raise InvalidInput(f"deviation of shapes {tuple(fresh_k.shape)} vs {tuple(old_k.shape)}")
-    if measure not in DEVIATIONS:
-        raise InvalidInput(f"deviation measure must be one of {DEVIATIONS}, got {measure!r}")
-    dk = (fresh_k.float() - old_k.float()).square().sum(dim=(0, 3))  # [kv_heads, n]
-    dv = (fresh_v.float() - old_v.float()).square().sum(dim=(0, 3))
+    dk, dv = _squared_deviations(fresh_k, fresh_v, old_k, old_v, measure)
     if measure == "k":
         return dk.sum(0)
     if measure == "v":
@@ -61,12 +73,7 @@ def head_deviation(
     Raises:
         InvalidInput: shapes differ, or an unknown measure.
     """
-    if fresh_k.shape != old_k.shape or fresh_v.shape != old_v.shape:
-        raise InvalidInput(f"deviation of shapes {tuple(fresh_k.shape)} vs {tuple(old_k.shape)}")
-    if measure not in DEVIATIONS:
-        raise InvalidInput(f"deviation measure must be one of {DEVIATIONS}, got {measure!r}")
-    dk = (fresh_k.float() - old_k.float()).square().sum(dim=(0, 3))  # [kv_heads, n]
-    dv = (fresh_v.float() - old_v.float()).square().sum(dim=(0, 3))
+    dk, dv = _squared_deviations(fresh_k, fresh_v, old_k, old_v, measure)
     if measure == "k":
         return dk
     if measure == "v":

@@ -8,19 +8,18 @@ it. Every run: the same launcher wrapper around the g++ build.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 from kvstore.connectors.paged import KernelMover
-from kvstore.connectors.paged_cuda import KERNEL_SOURCE, KERNELS, CupyLauncher
+from kvstore.connectors.paged_cuda import KERNELS, CupyLauncher
 from kvstore.errors import InvalidInput
 from kvstore.models import torch_threads
 from tests.connectors.test_paged import CASE_IDS, CASES, DTYPES, Geometry
 from tests.connectors.test_paged_kernels import EmulatedLauncher, check_mover, check_on_gpu
+from tests.connectors.test_paged_kernels import emulated  # noqa: F401  (fixture: the g++ build of the kernels)
 from tests.gpu.checked import CheckedPagedLauncher, cpu_poison, cuda_poison, cuda_sync, fresh_seed, no_sync
 
 
@@ -28,17 +27,6 @@ from tests.gpu.checked import CheckedPagedLauncher, cpu_poison, cuda_poison, cud
 def one_thread() -> Iterator[None]:
     with torch_threads(1):
         yield
-
-
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory: pytest.TempPathFactory) -> EmulatedLauncher:
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no C++ compiler to emulate the CUDA kernels")
-    lib = tmp_path_factory.mktemp("paged") / "paged_emu.so"
-    flags = ["-std=c++17", "-O2", "-DPAGED_EMULATE", "-x", "c++", "-shared", "-fPIC"]
-    subprocess.run([compiler, *flags, str(KERNEL_SOURCE), "-o", str(lib)], check=True)
-    return EmulatedLauncher(lib)
 
 
 @pytest.fixture(scope="module")
