@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 from kvstore.blend.gpu import KERNEL_SOURCE, BlendKernels, CupyLauncher, cupy_available
 from kvstore.blend.rope import RopeSpec, shift_keys
 from kvstore.blend.select import kv_deviation
+from tests.kernel_emulation import build_emulated
 
 
 class EmulatedLauncher:
@@ -30,13 +29,8 @@ class EmulatedLauncher:
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory: pytest.TempPathFactory) -> BlendKernels:
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no C++ compiler to emulate the CUDA kernels")
-    out = tmp_path_factory.mktemp("blendcu") / "blend_emulated.so"
-    subprocess.run([compiler, "-x", "c++", "-std=c++17", "-O2", "-shared", "-fPIC", "-DBL_EMULATE",
-                    str(KERNEL_SOURCE), "-o", str(out)], check=True)
-    return BlendKernels(EmulatedLauncher(out))
+    lib = build_emulated(KERNEL_SOURCE, "BL_EMULATE", tmp_path_factory)
+    return BlendKernels(EmulatedLauncher(lib))
 
 
 def _check(kernels: BlendKernels, device: str) -> None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +33,7 @@ from kvstore.codecs.container import unpack
 from kvstore.errors import CodecError, InvalidInput
 from kvstore.spec import KVSpec, ModelFingerprint
 from tests.codecs.test_cachegen import forged, kv, raw, section, spec
+from tests.kernel_emulation import build_emulated
 
 pytestmark = pytest.mark.skipif(
     not available(), reason="kvstore._rangecoder is not built (needs a C compiler)"
@@ -77,26 +76,7 @@ def _c_arg(kind: str, value: Array | int) -> object:
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory: pytest.TempPathFactory) -> EmulatedBackend:
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no C++ compiler to emulate the CUDA kernels")
-    lib = tmp_path_factory.mktemp("cachegen") / "cachegen_emu.so"
-    subprocess.run(
-        [
-            compiler,
-            "-std=c++17",
-            "-O2",
-            "-DCG_EMULATE",
-            "-x",
-            "c++",
-            "-shared",
-            "-fPIC",
-            str(KERNEL_SOURCE),
-            "-o",
-            str(lib),
-        ],
-        check=True,
-    )
+    lib = build_emulated(KERNEL_SOURCE, "CG_EMULATE", tmp_path_factory)
     return EmulatedBackend(lib)
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,6 +40,7 @@ from tests.connectors.test_paged import (
     shuffled_table,
     wrap,
 )
+from tests.kernel_emulation import build_emulated
 
 POISON = 0xA5
 
@@ -75,23 +74,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory: pytest.TempPathFactory) -> EmulatedLauncher:
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no C++ compiler to emulate the CUDA kernels")
-    lib = tmp_path_factory.mktemp("paged") / "paged_emu.so"
-    cmd = [
-        compiler,
-        "-std=c++17",
-        "-O2",
-        "-Wall",
-        "-Werror",
-        "-DPAGED_EMULATE",
-        "-x",
-        "c++",
-        "-shared",
-        "-fPIC",
-    ]
-    subprocess.run([*cmd, str(KERNEL_SOURCE), "-o", str(lib)], check=True)
+    lib = build_emulated(KERNEL_SOURCE, "PAGED_EMULATE", tmp_path_factory, strict=True)
     return EmulatedLauncher(lib)
 
 

@@ -8,8 +8,6 @@ kernels, which also proves the poisoning touches outputs only.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -29,6 +27,7 @@ from tests.gpu.checked import (
     fresh_seed,
     no_sync,
 )
+from tests.kernel_emulation import build_emulated
 
 
 @pytest.fixture(autouse=True)
@@ -39,27 +38,8 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory: pytest.TempPathFactory) -> CheckedBlendLauncher:
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no C++ compiler to emulate the CUDA kernels")
-    out = tmp_path_factory.mktemp("blendcu") / "blend_emulated.so"
-    subprocess.run(
-        [
-            compiler,
-            "-x",
-            "c++",
-            "-std=c++17",
-            "-O2",
-            "-shared",
-            "-fPIC",
-            "-DBL_EMULATE",
-            str(KERNEL_SOURCE),
-            "-o",
-            str(out),
-        ],
-        check=True,
-    )
-    return CheckedBlendLauncher(EmulatedLauncher(out), cpu_poison, no_sync)
+    lib = build_emulated(KERNEL_SOURCE, "BL_EMULATE", tmp_path_factory)
+    return CheckedBlendLauncher(EmulatedLauncher(lib), cpu_poison, no_sync)
 
 
 @pytest.fixture(scope="module")
