@@ -90,6 +90,20 @@ VARIANTS: dict[str, Variant] = {
     "w025": _v(attention_weight=0.25),
     "w0": _v(attention_weight=0.0),
     "ph": _v(attention_per_head=True),
+    "nodrift": _v(drift=0.0),
+    "nodrift-g532": _v(drift=0.0, gradual=(0.5, 0.3, 0.2)),
+    "d03": _v(drift=0.3),
+    "d04": _v(drift=0.4),
+    "d06": _v(drift=0.6),
+    "dv": _v(drift_values=True),
+    "d-r005": _v(ratio=0.05),
+    "d-r02": _v(ratio=0.2),
+    "d-r03": _v(ratio=0.3),
+    "nodrift-r005": _v(ratio=0.05, drift=0.0),
+    "nodrift-r03": _v(ratio=0.3, drift=0.0),
+    "d-g532": _v(gradual=(0.5, 0.3, 0.2)),
+    "d-bos": _v("bos"),
+    "d-nograd": _v(gradual=()),
 }
 
 

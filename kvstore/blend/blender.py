@@ -40,9 +40,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvstore.blend.config import BlendConfig
+from kvstore.blend.drift import DriftPlan
 from kvstore.blend.influence import attention_influence
 from kvstore.blend.llama import LayerQKV, LlamaStack, SparseAttention
-from kvstore.blend.rope import RopeSpec, rope_from_model, shift_keys_into
+from kvstore.blend.rope import RopeSpec, rope_from_model, shift_angles, shift_keys_into
 from kvstore.blend.segments import Assembled, PassageKV, Segment
 from kvstore.blend.select import head_deviation, keep_count, kv_deviation, select_per_group, select_tokens
 from kvstore.errors import InvalidInput, ShapeMismatch
@@ -184,11 +185,18 @@ class Blender:
         plan: SparseAttention | None = None
         recomputed = sel
         last = s.num_layers - 1
+        drift: DriftPlan | None = None
+        angles = shift_angles(self.rope, torch.arange(total)) if cfg.drift and not full_reuse else None
         for i in range(s.num_layers):
             p = s.qkv(i, h, rotary)
             keys, values = a.keys[i : i + 1], a.values[i : i + 1]
             q = p.q
             local = None
+            old = None
+            if angles is not None and i > cfg.check_layer:
+                if drift is None:
+                    drift = DriftPlan.build(sel, a.reused, a.passage_of, *angles, self.rope)
+                old = drift.old(keys, values)
             if i in filters or i in scored:
                 score[sel] += self._score(p, keys[:, :, sel], values[:, :, sel], sel, forced, candidates)
             if i in filters:
@@ -201,8 +209,10 @@ class Blender:
                     local = select_tokens(score[sel], candidates[sel], forced[sel], keep)
             keys[:, :, sel] = p.k
             values[:, :, sel] = p.v
+            if drift is not None and old is not None:
+                drift.apply(keys, values, p.k, p.v, *old, cfg.drift, cfg.drift_values)
             if local is not None and local.numel() != sel.numel():
-                sel, h, q, in_order, plan = sel[local], h[:, local], q[:, :, local], False, None
+                sel, h, q, in_order, plan, drift = sel[local], h[:, local], q[:, :, local], False, None, None
                 if i < last:
                     rotary = s.rotary(sel)
             recomputed = sel

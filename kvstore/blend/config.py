@@ -51,6 +51,12 @@ class BlendConfig:
             (instead of total deviation x total attention).
         attention_queries: the attention weight counts the queries of the
             prompt's last ``attention_queries`` tokens only (0: every uncached token).
+        drift: share of each passage's drift applied to its tokens that are not
+            recomputed (``kvstore.blend.drift``): at every layer past
+            ``check_layer``, the median over the passage's recomputed tokens of
+            their fresh minus reused keys (position-free), times ``drift``, is
+            added to the passage's other keys. 0 turns it off.
+        drift_values: correct the values by their drift too (keys only by default).
         score_layers: the ranking at ``check_layer`` sums the (attention-weighted,
             mean-normalised) deviations of this many layers ending there: the
             full layers before it are computed for every token anyway, so a
@@ -69,6 +75,8 @@ class BlendConfig:
     attention_queries: int = 0
     influence: float = 0.0
     attention_per_head: bool = False
+    drift: float = 0.5
+    drift_values: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 <= float(self.ratio) <= 1.0:
@@ -85,6 +93,11 @@ class BlendConfig:
         f = self.influence
         if not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0:
             raise InvalidInput(f"influence must be in [0, 1], got {f!r}")
+        d = self.drift
+        if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0.0 <= float(d) <= 1.0:
+            raise InvalidInput(f"drift must be in [0, 1], got {d!r}")
+        if not isinstance(self.drift_values, bool):
+            raise InvalidInput(f"drift_values must be a bool, got {self.drift_values!r}")
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise InvalidInput(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
         w = self.attention_weight

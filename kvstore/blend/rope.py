@@ -121,7 +121,19 @@ def shift_keys(keys: torch.Tensor, delta: torch.Tensor | int, rope: RopeSpec) ->
     cos, sin = shift_angles(rope, delta, keys.device)
     if cos.shape[0] not in (1, tokens):
         raise ShapeMismatch(f"{cos.shape[0]} shifts given for {tokens} tokens")
-    cos, sin = cos[:, None, :].to(keys.dtype), sin[:, None, :].to(keys.dtype)  # [tokens, 1, rot/2]
+    return rotate_pairs(keys, cos[:, None, :], sin[:, None, :], rope)
+
+
+def rotate_pairs(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
+    """``keys`` (last dimension ``head_dim``) with each rotary pair turned by the angles of ``cos``/``sin``.
+
+    ``cos``/``sin`` hold ``rotary_dim // 2`` values in their last dimension and
+    broadcast against ``keys[..., :rotary_dim // 2]`` (e.g. ``[tokens, 1, r/2]``
+    for ``[tokens, heads, head_dim]`` keys, ``[tokens, r/2]`` for
+    ``[heads, tokens, head_dim]``). Negate ``sin`` to turn the other way.
+    Returns a new tensor; dimensions past ``rotary_dim`` are copied.
+    """
+    cos, sin = cos.to(keys.dtype), sin.to(keys.dtype)
     out = keys.clone()
     r = rope.rotary_dim
     if rope.variant == "neox":
