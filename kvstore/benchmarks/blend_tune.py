@@ -104,6 +104,8 @@ VARIANTS: dict[str, Variant] = {
     "d-g532": _v(gradual=(0.5, 0.3, 0.2)),
     "d-bos": _v("bos"),
     "d-nograd": _v(gradual=()),
+    "d-c2": _v(check_layer=2),
+    "d-c2-g5": _v(check_layer=2, gradual=(0.5, 0.3)),
 }
 
 

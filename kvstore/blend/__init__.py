@@ -6,7 +6,9 @@ recurs: its keys are re-rotated to the new positions (``kvstore.blend.rope``),
 the tokens whose KV deviates most from a fresh computation are found at a
 check layer (``kvstore.blend.select``) and only those, plus every uncached
 token, are recomputed through the remaining layers (``kvstore.blend.blender``
-over ``kvstore.blend.llama``). ``kvstore.blend.gpu`` loads the CuPy kernels
+over ``kvstore.blend.llama``); the tokens not recomputed are moved by their
+passage's drift, estimated from the recomputed ones (``kvstore.blend.drift``).
+``kvstore.blend.gpu`` loads the CuPy kernels
 of ``kernels/blend.cu`` where CuPy and a CUDA device are present.
 
 Importing this package imports nothing heavy; import the submodules.

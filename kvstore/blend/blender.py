@@ -13,7 +13,9 @@ Per prompt (``Blender.blend``):
    attention output (``BlendConfig.influence``); the scores add up over the filtering
    layers, and the top share of the reused tokens the schedule names (last:
    ``ratio``), and every uncached token, go on. Fresh K/V of every token
-   computed at a layer replace the reused K/V at their positions.
+   computed at a layer replace the reused K/V at their positions; past the
+   check layer, each passage's keys not recomputed move by a share of the
+   drift its recomputed keys show (``BlendConfig.drift``, ``kvstore.blend.drift``).
 4. Later layers compute only the selected tokens: their queries attend to the
    whole assembled KV, each to positions <= its own. The last layer writes
    every selected token's K/V but runs attention and MLP for the prompt's

@@ -38,30 +38,29 @@ over fewer is noisy, and on passages of ~100 tokens at r = 0.15 it was measured 
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class DriftGroup:
-    """One passage: ``rows`` index the plan's recomputed reused tokens that belong to it, ``targets`` are its
-    prompt positions not recomputed; ``back_*`` turn the rows' key drifts to position 0, ``to_*`` turn a
-    position-free drift to each target's position (``[n, rotary_dim/2]`` each)."""
-
-    rows: torch.Tensor
-    targets: torch.Tensor
-    back_cos: torch.Tensor
-    back_sin: torch.Tensor
-    to_cos: torch.Tensor
-    to_sin: torch.Tensor
-
-
-@dataclass(frozen=True, slots=True, eq=False)
 class DriftPlan:
     """Drift correction for one set of computed tokens, built once and applied at every layer computing that set.
 
-    ``local`` indexes the computed tokens (``sel``) that are reused ones,
-    ``positions`` their prompt positions.
+    The *rows* are the recomputed reused tokens the estimates rest on (each
+    passage's opening left out, passages with too few left out), in prompt
+    order, so each corrected passage's rows are one slice ``spans[g]``:
+    ``local`` indexes them among the computed tokens, ``positions`` are their
+    prompt positions, ``back_cos``/``back_sin`` turn their key drifts to
+    position 0. ``targets`` are the corrected passages' positions not
+    computed, ``target_group`` the index of each one's passage in ``spans``,
+    ``to_cos``/``to_sin`` turn a position-free drift to each target's position
+    (angles ``[n, rotary_dim/2]``).
     """
 
     local: torch.Tensor
     positions: torch.Tensor
-    groups: tuple[DriftGroup, ...]
+    spans: tuple[tuple[int, int], ...]
+    back_cos: torch.Tensor
+    back_sin: torch.Tensor
+    targets: torch.Tensor
+    target_group: torch.Tensor
+    to_cos: torch.Tensor
+    to_sin: torch.Tensor
     rope: RopeSpec
 
     @classmethod
@@ -71,7 +70,7 @@ class DriftPlan:
 
         Args:
             reused: bool ``[T]``, positions holding passage KV.
-            passage_of: int ``[T]``, each position's passage (-1: uncached).
+            passage_of: int ``[T]``, each position's passage (-1: uncached); a passage's positions are contiguous.
             cos, sin: RoPE angles of every prompt position ``0 .. T-1``, ``[T, rotary_dim/2]``
                 (:func:`kvstore.blend.rope.shift_angles` of ``arange(T)``).
 
@@ -84,23 +83,36 @@ class DriftPlan:
                                f"{passage_of.numel()}, angles {tuple(cos.shape)} / {tuple(sin.shape)}")
         computed = torch.zeros(total, dtype=torch.bool, device=reused.device)
         computed[sel] = True
-        local = torch.nonzero(reused[sel]).reshape(-1)
-        positions = sel[local]
-        owner = passage_of[positions]
         stale = reused & ~computed
-        groups = []
+        opening = torch.ones(total, dtype=torch.bool, device=reused.device)
+        opening[1:] = passage_of[1:] != passage_of[:-1]
+        usable = computed & reused & ~opening
+        keep_rows = torch.zeros(total, dtype=torch.bool, device=reused.device)
+        keep_targets = torch.zeros_like(keep_rows)
+        counts: list[int] = []
         for n in torch.unique(passage_of[stale]).tolist():
-            opening = int(torch.nonzero(passage_of == n)[0])
-            rows = torch.nonzero((owner == n) & (positions > opening)).reshape(-1)
-            if rows.numel() < MIN_TOKENS:
+            member = passage_of == n
+            rows = usable & member
+            count = int(rows.sum())
+            if count < MIN_TOKENS:
                 continue
-            targets = torch.nonzero(stale & (passage_of == n)).reshape(-1)
-            at = positions[rows]
-            groups.append(DriftGroup(rows, targets, cos[at], -sin[at], cos[targets], sin[targets]))
-        return cls(local, positions, tuple(groups), rope)
+            keep_rows |= rows
+            keep_targets |= stale & member
+            counts.append(count)
+        positions = torch.nonzero(keep_rows).reshape(-1)
+        local = torch.searchsorted(sel, positions)
+        bounds = [0, *torch.tensor(counts, dtype=torch.long).cumsum(0).tolist()]
+        targets = torch.nonzero(keep_targets).reshape(-1)
+        groups = passage_of[positions[torch.tensor(bounds[:-1], dtype=torch.long)]] if counts else passage_of[:0]
+        target_group = torch.searchsorted(groups, passage_of[targets])
+        return cls(local, positions, tuple(zip(bounds[:-1], bounds[1:])), cos[positions], -sin[positions], targets,
+                   target_group, cos[targets], sin[targets], rope)
 
-    def old(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reused K/V of the plan's recomputed reused tokens (copies; read them before the fresh ones are written)."""
+    def old(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The reused K/V of the plan's rows (copies: read them before the fresh ones are written); None if the plan
+        corrects nothing."""
+        if not self.spans:
+            return None
         return keys[:, :, self.positions], values[:, :, self.positions]
 
     def apply(self, keys: torch.Tensor, values: torch.Tensor, fresh_k: torch.Tensor, fresh_v: torch.Tensor,
@@ -108,13 +120,16 @@ class DriftPlan:
         """Add ``share`` x each passage's drift to its tokens not recomputed, in ``keys``/``values`` (one layer,
         ``[1, kv_heads, T, head_dim]``). ``fresh_k``/``fresh_v`` are the layer's K/V of every computed token
         (``[1, kv_heads, len(sel), head_dim]``), ``old_k``/``old_v`` what :meth:`old` returned."""
-        if not self.groups:
+        if not self.spans:
             return
-        dk = fresh_k[:, :, self.local] - old_k
-        dv = fresh_v[:, :, self.local] - old_v if correct_values else None
-        for g in self.groups:
-            free = rotate_pairs(dk[:, :, g.rows], g.back_cos, g.back_sin, self.rope)
-            drift = free.median(dim=2, keepdim=True).values.expand(-1, -1, g.targets.numel(), -1)
-            keys[:, :, g.targets] += share * rotate_pairs(drift, g.to_cos, g.to_sin, self.rope)
-            if dv is not None:
-                values[:, :, g.targets] += share * dv[:, :, g.rows].median(dim=2, keepdim=True).values
+        free = rotate_pairs(fresh_k[:, :, self.local] - old_k, self.back_cos, self.back_sin, self.rope)
+        drift = _medians(free, self.spans).index_select(2, self.target_group)
+        keys.index_add_(2, self.targets, rotate_pairs(drift, self.to_cos, self.to_sin, self.rope), alpha=share)
+        if correct_values:
+            dv = _medians(fresh_v[:, :, self.local] - old_v, self.spans).index_select(2, self.target_group)
+            values.index_add_(2, self.targets, dv, alpha=share)
+
+
+def _medians(x: torch.Tensor, spans: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Per-span medians over dim 2 of ``x`` ``[1, heads, n, d]``: ``[1, heads, len(spans), d]``."""
+    return torch.cat([x[:, :, lo:hi].median(dim=2, keepdim=True).values for lo, hi in spans], dim=2)
