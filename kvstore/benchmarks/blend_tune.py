@@ -106,6 +106,10 @@ VARIANTS: dict[str, Variant] = {
     "d-nograd": _v(gradual=()),
     "d-c2": _v(check_layer=2),
     "d-c2-g5": _v(check_layer=2, gradual=(0.5, 0.3)),
+    "c3": _v(check_layer=3, gradual=(0.3,)),
+    "c3-nodrift": _v(check_layer=3, gradual=(0.3,), drift=0.0),
+    "c3-d04": _v(check_layer=3, gradual=(0.3,), drift=0.4),
+    "c2": _v(check_layer=2, gradual=(0.3,)),
 }
 
 

@@ -26,8 +26,9 @@ class BlendConfig:
             ``check_layer+1``, ... before ``ratio`` (CacheBlend's gradual
             filtering): each step keeps the most deviating tokens among the
             previous step's, so the schedule must not increase; a step below
-            ``ratio`` counts as ``ratio``. Default ``(0.3,)``: layer
-            ``check_layer`` keeps 30% of the reused tokens, the later layers ``ratio``.
+            ``ratio`` counts as ``ratio``. Default ``(0.5, 0.3)``: layer
+            ``check_layer`` keeps 50% of the reused tokens, the next layer 30%,
+            the later layers ``ratio``.
         min_passage_tokens: passages shorter than this are refused (put short
             text among the uncached tokens instead).
         deviation: how reused tokens are ranked (``kvstore.blend.select``):
@@ -64,8 +65,8 @@ class BlendConfig:
     """
 
     ratio: float = 0.15
-    check_layer: int = 3
-    gradual: tuple[float, ...] = (0.3,)
+    check_layer: int = 2
+    gradual: tuple[float, ...] = (0.5, 0.3)
     min_passage_tokens: int = 16
     deviation: str = "kv"
     sink_tokens: int = 0

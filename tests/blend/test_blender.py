@@ -98,11 +98,13 @@ def test_selection_options_on_a_real_prompt(rag: tuple[list[object], list[int]])
     rec = per.recomputed
     for s, n in zip(starts, lengths):
         assert int(((rec >= s) & (rec < s + n)).sum()) == keep_count(0.2, n)
-    base = Blender(lm.model, BlendConfig(ratio=0.2)).blend(segs)  # type: ignore[arg-type]
-    others = [BlendConfig(ratio=0.2, deviation=m) for m in ("v", "kv_head_norm")] + [
-        BlendConfig(ratio=0.2, score_layers=3), BlendConfig(ratio=0.2, attention_queries=1),
-        BlendConfig(ratio=0.2, attention_weight=0.0), BlendConfig(ratio=0.2, influence=1.0),
-        BlendConfig(ratio=0.2, influence=0.5), BlendConfig(ratio=0.2, attention_per_head=True),
+    # one filtering step after three full layers: each ranking below picks other tokens on this short prompt
+    one = {"ratio": 0.2, "check_layer": 3, "gradual": ()}
+    base = Blender(lm.model, BlendConfig(**one)).blend(segs)  # type: ignore[arg-type]
+    others = [BlendConfig(**one, deviation=m) for m in ("v", "kv_head_norm")] + [  # type: ignore[arg-type]
+        BlendConfig(**one, score_layers=3), BlendConfig(**one, attention_queries=1),  # type: ignore[arg-type]
+        BlendConfig(**one, attention_weight=0.0), BlendConfig(**one, influence=1.0),  # type: ignore[arg-type]
+        BlendConfig(**one, influence=0.5), BlendConfig(**one, attention_per_head=True),  # type: ignore[arg-type]
     ]
     for cfg in others:  # the other rankings keep the same share, of other tokens
         r = Blender(lm.model, cfg).blend(segs)  # type: ignore[arg-type]
@@ -189,7 +191,7 @@ def test_bad_input_errors(rag: tuple[list[object], list[int]]) -> None:
     with pytest.raises(InvalidInput):
         BlendConfig(ratio=0.15, gradual=(0.2, 0.3))  # the schedule must not increase
     assert BlendConfig(ratio=0.15, gradual=(0.1,)).schedule == (0.15, 0.15)  # never below the ratio
-    assert BlendConfig(ratio=1.0).schedule == (1.0, 1.0) and BlendConfig(ratio=0.15).schedule == (0.3, 0.15)
+    assert BlendConfig(ratio=1.0).schedule == (1.0, 1.0, 1.0) and BlendConfig(ratio=0.15).schedule == (0.5, 0.3, 0.15)
     with pytest.raises(InvalidInput):
         BlendConfig(check_layer=0)
     for bad_cfg in ({"score_layers": 0}, {"score_layers": 4}, {"attention_queries": -1}, {"sink_tokens": -1}):

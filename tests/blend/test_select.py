@@ -69,7 +69,7 @@ def test_attention_mass_from_uncached_queries() -> None:
 
 
 def test_config_checks() -> None:
-    assert BlendConfig().check_layer == 3
+    assert BlendConfig().check_layer == 2
     assert set(DEVIATIONS) == {"kv", "k", "v", "kv_head_norm"}
     with pytest.raises(InvalidInput, match="deviation"):
         BlendConfig(deviation="hidden")
