@@ -110,16 +110,32 @@ def _check_sizes(ctx: Ctx, sizes: list[int]) -> None:
             raise ChunkTooLarge(f"chunk of {size} bytes exceeds the store's limit of {limit}")
 
 
+PINNED_RETRY_S = 0.1
+"""What a BUSY reply suggests while queued lower-tier writes pin the top tier (each takes milliseconds)."""
+
+
 def _reserve(ctx: Ctx, ns: Namespace, keys: list[ChunkKey], sizes: list[int]) -> list[Slot]:
-    """One slot per key: an extent to fill, or none (already stored, or no room)."""
+    """One slot per key: an extent to fill, or none (already stored, or no room).
+
+    Raises:
+        ServerBusy: no room while lower-tier writes still pin top-tier chunks (the room comes back when
+            they finish; ``TieredStore.put`` waits for them, this path runs on the event loop and must not):
+            nothing is reserved, a retry stores the chunks.
+    """
     access = ctx.core.access
     slots: list[Slot] = []
     try:
         for key, size in zip(keys, sizes):
             if access.top.meta(key) is not None:
                 slots.append(Slot(key, None, size, present=True))
-            else:
-                slots.append(Slot(key, access.reserve(size), size))
+                continue
+            extent = access.reserve(size)
+            if extent is None and access.writes_pending():
+                raise ServerBusy(
+                    "the top tier is full of chunks still being written to the lower tiers; retry",
+                    PINNED_RETRY_S,
+                )
+            slots.append(Slot(key, extent, size))
     except BaseException:
         for slot in slots:
             if slot.extent is not None:

@@ -147,6 +147,10 @@ class StoreAccess:
     def reserve(self, nbytes: int) -> Extent | None:
         return self.top.reserve(nbytes)
 
+    def writes_pending(self) -> bool:
+        """Lower-tier writes still pin chunks in the top tier (their room comes back when they finish)."""
+        return self.store.writes_pending() > 0
+
     def region(self, extent: Extent) -> U8:
         if self.arena is None:
             raise RuntimeError("the top tier has no host arena")  # callers check .arena first

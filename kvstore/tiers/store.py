@@ -502,6 +502,10 @@ class TieredStore:
         """Jobs waiting in the background writer for the lower tiers."""
         return self._writer.stats().depth
 
+    def writes_pending(self) -> int:
+        """Lower-tier writes queued or running; each pins its chunk in the top tier until it is done."""
+        return int(self._writer.pending)
+
     def stats(self) -> StoreStats:
         with self._lock:
             c = dict(self._counts)

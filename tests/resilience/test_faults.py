@@ -308,3 +308,40 @@ def test_slow_disk_keeps_cpu_hits_fast(tmp_path: Path, slow_fs: tuple[Path, Path
            f"queue timeout, {timeout_s:.0f} s), p50 "
            f"{sorted(put_s)[len(put_s) // 2] * 1e3:.0f} ms, max {max(put_s) * 1e3:.0f} ms; {dropped} disk "
            "writes dropped and counted; disk tier caught up once unthrottled")
+
+
+def test_put_into_a_top_tier_pinned_by_slow_writes_is_busy_then_stored(
+    tmp_path: Path, slow_fs: tuple[Path, Path, str]
+) -> None:
+    """A 1 MiB CPU tier over a disk tier throttled to 64 KiB/s: 256 KiB chunks put one by one.
+
+    Each chunk stays pinned in the CPU tier until its write to the slow disk
+    is done, so the fifth finds no room. The daemon must answer BUSY (room
+    comes back by itself), not "not stored"; nothing is lost, and once the
+    disk keeps up the same puts store every chunk.
+    """
+    mnt, cg, dev = slow_fs
+    big = 256 << 10
+    d = daemon(tmp_path, "--disk-bytes", "32MiB", "--disk-sync", "commit", "--cpu-bytes", "1MiB",
+               data_dir=mnt / "data")
+    for up in running(d):
+        assert up.proc is not None
+        with client(up) as c:  # no retries: the first BUSY comes back to the test
+            ns = c.register(namespace("tenant-a"))
+            (cg / "cgroup.procs").write_text(str(up.proc.pid))
+            _throttle(cg, dev, 64 << 10, 4)
+            keys = [key_of("pinned", i) for i in range(6)]
+            stored = 0
+            with pytest.raises(Busy, match="still being written to the lower tiers"):
+                for key in keys:
+                    assert c.put(ns, key, payload(key, big)), "refused instead of BUSY"
+                    stored += 1
+            assert stored == 4  # the four that fit
+            _throttle(cg, dev, 0, 0)
+            up.wait_idle(ADMIN_TOKEN, timeout=60)
+            for key in keys:
+                assert c.put(ns, key, payload(key, big))
+            up.wait_idle(ADMIN_TOKEN, timeout=60)
+            for key in keys:
+                out = bytearray(big)
+                assert c.get(ns, key, out) == big and bytes(out) == payload(key, big)
